@@ -1,0 +1,66 @@
+"""The audit trail: every measurement and decision, with values, sample sizes, thresholds and window."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from mlcanary.verdict import CheckResult, Verdict
+from mlcanary.warehouse.engine import utcnow
+from mlcanary.warehouse.schema import decisions, measurements
+
+
+def record_checks(
+    conn: Connection,
+    checks: Iterable[CheckResult],
+    *,
+    model: str,
+    rollout_id: str | None,
+    stage: int | None,
+    baseline_version: str | None,
+    canary_version: str,
+) -> int:
+    """Store one row per check; returns how many were written."""
+    now = utcnow()
+    rows = [
+        dict(
+            rollout_id=rollout_id, model=model, tier=c.tier, stage=stage, check_name=c.check,
+            segment=c.segment, baseline_version=baseline_version, canary_version=canary_version,
+            window_start=c.window_start, window_end=c.window_end, baseline_value=c.baseline_value,
+            canary_value=c.canary_value, baseline_n=c.baseline_n, canary_n=c.canary_n,
+            threshold=c.threshold, ci_low=c.ci_low, ci_high=c.ci_high, verdict=c.verdict.value,
+            reason=c.reason, measured_at=now,
+        )
+        for c in checks
+    ]
+    if rows:
+        conn.execute(sa.insert(measurements), rows)
+    return len(rows)
+
+
+def record_decision(
+    engine: Engine,
+    *,
+    rollout_id: str | None,
+    model: str,
+    stage: int | None,
+    action: str,
+    verdict: Verdict | None,
+    reason: str,
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.insert(decisions).values(
+            rollout_id=rollout_id, model=model, stage=stage, action=action,
+            verdict=None if verdict is None else verdict.value, reason=reason, decided_at=utcnow(),
+        ))
+
+
+def last_decision(conn: Connection, rollout_id: str, action: str) -> sa.Row | None:
+    return conn.execute(
+        sa.select(decisions)
+        .where(decisions.c.rollout_id == rollout_id, decisions.c.action == action)
+        .order_by(decisions.c.id.desc())
+        .limit(1)
+    ).one_or_none()

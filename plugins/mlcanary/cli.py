@@ -1,0 +1,267 @@
+"""The ``mlcanary`` command: the same code as the Airflow tasks, for scripts, CI and debugging.
+
+Exit codes of ``analyze`` and ``guardrails``: 0 PASS, 1 FAIL, 3 INCONCLUSIVE, 4 INVALID; 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from mlcanary.analysis import AnalysisWindow, analyze
+from mlcanary.audit import record_checks
+from mlcanary.guardrails import evaluate_guardrails
+from mlcanary.report import format_report, format_table, recent_rollouts, rollout_report
+from mlcanary.routers.base import Split
+from mlcanary.routers.warehouse import WarehouseRouter
+from mlcanary.simulator import FAULT_KINDS, Fault, LiveSimulator, SimConfig, simulate_batch
+from mlcanary.spec import SpecError, load_spec, spec_files
+from mlcanary.spec import parse_duration
+from mlcanary.verdict import CheckResult, Verdict
+from mlcanary.warehouse.engine import make_engine, naive_utc, utcnow
+from mlcanary.warehouse.schema import create_schema
+
+EXIT_CODES = {Verdict.PASS: 0, Verdict.FAIL: 1, Verdict.INCONCLUSIVE: 3, Verdict.INVALID: 4}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _time(text: str) -> datetime:
+    try:
+        return naive_utc(datetime.fromisoformat(text.replace("Z", "+00:00")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time (e.g. 2026-11-26T12:00:00Z)") from None
+
+
+def _seconds(text: str) -> float:
+    value = parse_duration(text)
+    if hasattr(value, "total_seconds"):
+        return value.total_seconds()
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 30s, 5m, 1h)") from None
+
+
+def _fault(text: str) -> Fault:
+    try:
+        return Fault.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _warehouse(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--warehouse", default=os.environ.get("MLCANARY_WAREHOUSE"),
+        help="SQLAlchemy URL of the warehouse, e.g. sqlite:///warehouse.db or "
+             "postgresql://user@host/db (default: $MLCANARY_WAREHOUSE)")
+
+
+def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if not args.warehouse:
+        raise UsageError("--warehouse is required (or set MLCANARY_WAREHOUSE)")
+    return make_engine(args.warehouse)
+
+
+def _print_checks(checks: list[CheckResult]) -> None:
+    rows = [[c.verdict.value, c.check, c.segment, c.reason] for c in checks]
+    print(format_table(rows, ["verdict", "check", "segment", "reason"]))
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    if args.end <= args.start:
+        raise UsageError("--end must be after --start")
+    window = AnalysisWindow(args.start, args.end, args.label_asof or utcnow())
+    engine = _engine(args)
+    with engine.connect() as conn:
+        result = analyze(conn, spec, args.baseline_version, args.canary_version, window)
+    if args.record:
+        with engine.begin() as conn:
+            record_checks(conn, result.checks, model=spec.model, rollout_id=args.rollout_id, stage=None,
+                          baseline_version=args.baseline_version, canary_version=args.canary_version)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"{spec.model}: {args.baseline_version} vs {args.canary_version}, "
+              f"rows in [{window.start}, {window.end}), labels as of {window.label_asof}")
+        _print_checks(result.checks)
+        print(f"\nverdict: {result.verdict.value}: {result.reason}")
+    return EXIT_CODES[result.verdict]
+
+
+def cmd_guardrails(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    at = args.at or utcnow()
+    with _engine(args).connect() as conn:
+        result = evaluate_guardrails(conn, spec, args.canary_version, at, args.baseline_version)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"{spec.model}: canary {args.canary_version} in [{result.window_start}, {result.window_end})")
+        _print_checks(result.checks)
+        print(f"\nverdict: {result.verdict.value}: {result.reason}")
+    return EXIT_CODES[result.verdict]
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    create_schema(engine)
+    config = SimConfig(model=args.model, base_ctr=args.base_ctr, seed=args.seed, faults=args.fault,
+                       label_delay=timedelta(seconds=args.label_delay))
+    say = (lambda _msg: None) if args.json else (lambda msg: print(msg, flush=True))
+    if args.mode == "batch":
+        if not (args.start and args.end and args.canary_version):
+            raise UsageError("batch mode needs --start, --end, --baseline-version and --canary-version")
+        split = Split(args.model, args.baseline_version, args.canary_version, args.canary_percent)
+        n = simulate_batch(engine, config, args.start, args.end, args.rate, split,
+                           labels_asof=args.labels_asof, progress=say)
+        summary: dict[str, Any] = {"mode": "batch", "rows": n}
+    else:
+        router = WarehouseRouter(engine)
+        if router.get_split(args.model) is None:
+            router.set_split(Split(args.model, args.baseline_version, None, 0.0), None)
+            say(f"routing table: {args.model} → {args.baseline_version} 100 %")
+        sim = LiveSimulator(engine, config, args.rate, tick=args.tick)
+        try:
+            sim.run(args.duration, progress=say)
+        except KeyboardInterrupt:
+            pass
+        summary = {"mode": "live", "rows": sim.rows_written, "labels": sim.labels_written}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {summary['rows']:,} prediction rows")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    with _engine(args).connect() as conn:
+        if args.rollout:
+            report = rollout_report(conn, args.rollout)
+            if report is None:
+                raise UsageError(f"no rollout {args.rollout!r} in this warehouse")
+            print(json.dumps(report, indent=2) if args.json else format_report(report))
+            return 0
+        rows = recent_rollouts(conn, args.model, args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(
+            [[r["rollout_id"], r["model"], r["canary_version"], r["stage_reached"], r["status"],
+              (r["reason"] or "")[:100]] for r in rows],
+            ["rollout", "model", "candidate", "stage", "status", "reason"]))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    paths: list[Path] = []
+    for p in map(Path, args.paths):
+        paths.extend(spec_files(p) if p.is_dir() else [p])
+    bad = 0
+    for path in paths:
+        try:
+            spec = load_spec(path)
+            print(f"ok    {path}  (dag {spec.dag_id}, {len(spec.stages)} stages)")
+        except SpecError as exc:
+            bad += 1
+            print(f"error {exc}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    create_schema(_engine(args))
+    print("warehouse tables are in place")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlcanary", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def versions(p: argparse.ArgumentParser, canary_required: bool = True) -> None:
+        p.add_argument("--baseline-version", required=True)
+        p.add_argument("--canary-version", required=canary_required)
+
+    p = sub.add_parser("analyze", help="slow ML analysis of a window (baseline vs canary)")
+    p.add_argument("--spec", required=True, type=Path)
+    _warehouse(p)
+    versions(p)
+    p.add_argument("--start", required=True, type=_time, help="window start (ISO 8601, UTC if naive)")
+    p.add_argument("--end", required=True, type=_time, help="window end, exclusive")
+    p.add_argument("--label-asof", type=_time, help="count labels observed by then (default: now)")
+    p.add_argument("--record", action="store_true", help="store the measurements in the audit table")
+    p.add_argument("--rollout-id", help="with --record: the rollout the measurements belong to")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("guardrails", help="fast guardrails of the canary at a moment")
+    p.add_argument("--spec", required=True, type=Path)
+    _warehouse(p)
+    versions(p)
+    p.add_argument("--at", type=_time, help="end of the guardrail window (default: now)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_guardrails)
+
+    p = sub.add_parser("simulate", help="write simulated traffic (live, following the split, or batch)",
+                       epilog="fault kinds: " + "; ".join(f"{k}: {v}" for k, v in FAULT_KINDS.items()))
+    p.add_argument("mode", choices=["live", "batch"])
+    _warehouse(p)
+    p.add_argument("--model", default="demo-ranker")
+    p.add_argument("--rate", type=float, default=200.0, help="requests per second (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-ctr", type=float, default=0.2)
+    p.add_argument("--label-delay", type=_seconds, default=5.0, help="e.g. 5s, 10m (default 5s)")
+    p.add_argument("--fault", type=_fault, action="append", default=[],
+                   help="VERSION:KIND=VALUE[;segment=COL:VAL][;min_percent=P], repeatable")
+    p.add_argument("--baseline-version", default="v1")
+    p.add_argument("--canary-version")
+    p.add_argument("--canary-percent", type=float, default=10.0, help="batch: canary share (default 10)")
+    p.add_argument("--start", type=_time, help="batch: first timestamp")
+    p.add_argument("--end", type=_time, help="batch: end timestamp, exclusive")
+    p.add_argument("--labels-asof", type=_time, help="batch: labels observed by then (default now)")
+    p.add_argument("--duration", type=_seconds, help="live: stop after this long (default: Ctrl-C)")
+    p.add_argument("--tick", type=_seconds, default=1.0, help="live: write interval (default 1s)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("report", help="a rollout's report, or the list of recent rollouts")
+    _warehouse(p)
+    p.add_argument("--rollout", help="rollout id (dag_id/run_id); default: list recent rollouts")
+    p.add_argument("--model")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("validate", help="validate rollout spec files or folders")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("init", help="create the warehouse tables (idempotent)")
+    _warehouse(p)
+    p.set_defaults(func=cmd_init)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SpecError, UsageError) as exc:
+        print(f"mlcanary {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

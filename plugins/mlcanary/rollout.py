@@ -1,0 +1,187 @@
+"""A rollout's life: lock, traffic steps, promotion or rollback, and release.
+
+These functions are what the Airflow tasks call; they work the same from a script or a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from mlcanary.audit import record_decision
+from mlcanary.routers.base import Router, Split, TrafficShiftError
+from mlcanary.spec import RolloutSpec
+from mlcanary.verdict import Verdict
+from mlcanary.warehouse.engine import utcnow
+from mlcanary.warehouse.schema import rollouts, traffic_history
+
+
+class RolloutError(RuntimeError):
+    """The rollout cannot start (bad versions, no baseline, another rollout active)."""
+
+
+@dataclass(frozen=True)
+class Rollout:
+    rollout_id: str
+    spec_name: str
+    model: str
+    baseline_version: str
+    canary_version: str
+    dry_run: bool
+    status: str
+    stage_reached: int
+    canary_percent: float
+    reason: str | None
+
+    @classmethod
+    def from_row(cls, row: sa.Row) -> Rollout:
+        return cls(row.rollout_id, row.spec_name, row.model, row.baseline_version,
+                   row.canary_version, bool(row.dry_run), row.status, row.stage_reached,
+                   float(row.canary_percent), row.reason)
+
+
+def get_rollout(conn: Connection, rollout_id: str) -> Rollout | None:
+    row = conn.execute(sa.select(rollouts).where(rollouts.c.rollout_id == rollout_id)).one_or_none()
+    return None if row is None else Rollout.from_row(row)
+
+
+def begin_rollout(
+    engine: Engine,
+    router: Router,
+    spec: RolloutSpec,
+    rollout_id: str,
+    canary_version: str,
+    baseline_version: str | None = None,
+    dry_run: bool = False,
+) -> Rollout:
+    """Validate the versions and take the model's lock. Retrying with the same id is harmless."""
+    with engine.connect() as conn:
+        existing = get_rollout(conn, rollout_id)
+    if existing is not None:
+        return existing
+    current = router.get_split(spec.model)
+    if baseline_version is None:
+        if current is None:
+            raise RolloutError(
+                f"model {spec.model!r} has no traffic split yet, so there is no baseline to compare "
+                "with: pass baseline_version"
+            )
+        baseline_version = current.baseline_version
+    if canary_version == baseline_version:
+        raise RolloutError(f"candidate and baseline are the same version {canary_version!r}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.insert(rollouts).values(
+                rollout_id=rollout_id, spec_name=spec.name, model=spec.model,
+                baseline_version=baseline_version, canary_version=canary_version, dry_run=dry_run,
+                status="running", stage_reached=0, canary_percent=0.0, started_at=utcnow(),
+                active_model=spec.model,
+            ))
+    except IntegrityError:
+        with engine.connect() as conn:
+            holder = conn.execute(
+                sa.select(rollouts.c.rollout_id, rollouts.c.canary_version, rollouts.c.started_at)
+                .where(rollouts.c.active_model == spec.model)
+            ).one_or_none()
+        if holder is None:
+            raise
+        raise RolloutError(
+            f"model {spec.model!r} already has an active rollout: {holder.rollout_id} "
+            f"(candidate {holder.canary_version}, started {holder.started_at:%Y-%m-%d %H:%M:%S} UTC); "
+            "wait for it to end or stop it first. No traffic was changed."
+        ) from None
+    if current is None and not dry_run:
+        # First rollout of this model: record that the baseline serves everything.
+        router.set_split(Split(spec.model, baseline_version, None, 0.0), rollout_id)
+    with engine.connect() as conn:
+        started = get_rollout(conn, rollout_id)
+    assert started is not None
+    return started
+
+
+def apply_split(
+    engine: Engine, router: Router, rollout: Rollout, target: Split, note: str
+) -> Split:
+    """Apply ``target`` unless it is already in force, read it back, and record the step.
+
+    Raises :class:`TrafficShiftError` when the read-back differs: the caller retries.
+    """
+    before = router.get_split(target.model)
+    from_pct = None if before is None else before.share(rollout.canary_version)
+    if rollout.dry_run:
+        applied, note = False, f"{note} (dry run: not applied)"
+    elif before == target:
+        applied, note = False, f"{note} (already in force)"
+    else:
+        router.set_split(target, rollout.rollout_id)
+        after = router.get_split(target.model)
+        if after != target:
+            raise TrafficShiftError(f"router reads back {after} after setting {target}")
+        applied = True
+    with engine.begin() as conn:
+        conn.execute(sa.insert(traffic_history).values(
+            model=target.model, rollout_id=rollout.rollout_id,
+            baseline_version=target.baseline_version, canary_version=target.canary_version,
+            from_percent=from_pct, to_percent=target.share(rollout.canary_version),
+            applied=applied, note=note, at=utcnow(),
+        ))
+    return target
+
+
+def shift_to_stage(
+    engine: Engine, router: Router, spec: RolloutSpec, rollout: Rollout, stage: int
+) -> Split:
+    """Send ``spec.stages[stage - 1].percent`` of traffic to the canary (stages count from 1)."""
+    percent = spec.stages[stage - 1].percent
+    split = Split(spec.model, rollout.baseline_version, rollout.canary_version, percent)
+    apply_split(engine, router, rollout, split, f"stage {stage}: canary to {percent:g} %")
+    with engine.begin() as conn:
+        conn.execute(sa.update(rollouts).where(rollouts.c.rollout_id == rollout.rollout_id)
+                     .values(stage_reached=stage, canary_percent=percent))
+    record_decision(engine, rollout_id=rollout.rollout_id, model=spec.model, stage=stage,
+                    action="advance", verdict=None, reason=f"traffic to canary {percent:g} %")
+    return split
+
+
+def promote(engine: Engine, router: Router, spec: RolloutSpec, rollout: Rollout, reason: str) -> Split:
+    """Canary to 100 %, then make it the model's baseline."""
+    apply_split(engine, router, rollout,
+                Split(spec.model, rollout.baseline_version, rollout.canary_version, 100.0),
+                "promotion: canary to 100 %")
+    final = apply_split(engine, router, rollout, Split(spec.model, rollout.canary_version, None, 0.0),
+                        f"promotion: {rollout.canary_version} is the new baseline")
+    _end(engine, rollout, "promoted", 100.0, reason)
+    record_decision(engine, rollout_id=rollout.rollout_id, model=spec.model, stage=None,
+                    action="promote", verdict=Verdict.PASS, reason=reason)
+    return final
+
+
+def rollback(engine: Engine, router: Router, spec: RolloutSpec, rollout: Rollout, reason: str) -> Split:
+    """Canary to 0 %; the baseline serves everything again."""
+    final = apply_split(engine, router, rollout,
+                        Split(spec.model, rollout.baseline_version, rollout.canary_version, 0.0),
+                        "rollback: canary to 0 %")
+    _end(engine, rollout, "rolled_back", 0.0, reason)
+    return final
+
+
+def _end(engine: Engine, rollout: Rollout, status: str, percent: float, reason: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.update(rollouts).where(rollouts.c.rollout_id == rollout.rollout_id).values(
+            status=status, canary_percent=percent, reason=reason, ended_at=utcnow()))
+
+
+def release(engine: Engine, rollout_id: str, reason_if_unfinished: str) -> Rollout | None:
+    """Free the model's lock. A rollout still 'running' here ended without a decision: 'failed'."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(rollouts)
+            .where(rollouts.c.rollout_id == rollout_id, rollouts.c.status == "running")
+            .values(status="failed", reason=reason_if_unfinished, ended_at=utcnow())
+        )
+        conn.execute(sa.update(rollouts).where(rollouts.c.rollout_id == rollout_id)
+                     .values(active_model=None))
+        return get_rollout(conn, rollout_id)

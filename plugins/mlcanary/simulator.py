@@ -1,0 +1,342 @@
+"""Traffic simulator: predictions and resource metrics for a baseline and a canary, with faults.
+
+Live mode follows the routing table (the split the rollout sets) and writes at a given rate;
+batch mode writes a historical range at a fixed split. Both are reproducible with a seed and write
+the default warehouse contract. Labels arrive after a delay: in live mode they are written later
+with an UPDATE, in batch mode a label is present only if it was observed by ``labels_asof``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from mlcanary.routers.base import Split
+from mlcanary.routers.warehouse import WarehouseRouter
+from mlcanary.warehouse.engine import utcnow
+from mlcanary.warehouse.schema import FEATURE_COLUMNS, predictions, resource_metrics
+
+FAULT_KINDS = {
+    "latency_ms": "add this many ms to every request's latency",
+    "error_rate": "fraction of requests that fail",
+    "cpu": "CPU utilisation of the version's hosts (0-1)",
+    "memory": "memory utilisation of the version's hosts (0-1)",
+    "ctr_drop": "relative drop of the click probability (0.3 = 30 % fewer clicks)",
+    "recall_drop": "fraction of positives the model scores as negatives",
+    "miscalibration": "added to the score's logit (0.85 turns 50 % into 70 %)",
+    "input_drift": "shift of feature f1, in standard deviations",
+}
+
+SEGMENTS: dict[str, tuple[list[str], list[float]]] = {
+    "user_cohort": (["new", "returning", "power"], [0.25, 0.5, 0.25]),
+    "device": (["ios", "android", "web"], [0.4, 0.4, 0.2]),
+    "region": (["na", "eu", "apac"], [0.4, 0.35, 0.25]),
+}
+_COHORT_EFFECT = {"new": -0.4, "returning": 0.0, "power": 0.5}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault of one version: ``VERSION:KIND=VALUE[;segment=COLUMN:VALUE][;min_percent=P]``.
+
+    ``min_percent`` makes the fault load-dependent: it shows only while the version receives at
+    least that share of traffic (a latency fault that appears at the 50 % stage, say).
+    """
+
+    version: str
+    kind: str
+    value: float
+    segment: tuple[str, str] | None = None
+    min_percent: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        try:
+            head, *options = text.split(";")
+            version, assignment = head.split(":", 1)
+            kind, value = assignment.split("=", 1)
+            kwargs: dict[str, Any] = {}
+            for option in options:
+                key, val = option.split("=", 1)
+                if key == "segment":
+                    column, seg_value = val.split(":", 1)
+                    kwargs["segment"] = (column.strip(), seg_value.strip())
+                elif key == "min_percent":
+                    kwargs["min_percent"] = float(val)
+                else:
+                    raise ValueError(f"unknown option {key!r}")
+            fault = cls(version.strip(), kind.strip(), float(value), **kwargs)
+        except ValueError as exc:
+            raise ValueError(
+                f"bad fault {text!r} ({exc}); expected VERSION:KIND=VALUE[;segment=COL:VAL]"
+                "[;min_percent=P]"
+            ) from None
+        if fault.kind not in FAULT_KINDS:
+            raise ValueError(f"bad fault {text!r}: kind must be one of {', '.join(FAULT_KINDS)}")
+        if fault.segment and fault.segment[0] not in SEGMENTS:
+            raise ValueError(f"bad fault {text!r}: segment column must be one of {', '.join(SEGMENTS)}")
+        return fault
+
+
+@dataclass
+class SimConfig:
+    model: str = "demo-ranker"
+    base_ctr: float = 0.2
+    latency_median_ms: float = 60.0
+    error_rate: float = 0.001
+    label_delay: timedelta = timedelta(seconds=5)
+    hosts_per_version: int = 2
+    seed: int = 0
+    faults: list[Fault] = field(default_factory=list)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class TrafficGenerator:
+    """Vectorised generator of prediction rows and resource samples."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+        self._base_logit = math.log(config.base_ctr / (1 - config.base_ctr))
+
+    def _faults(self, version: str, share: float) -> list[Fault]:
+        return [f for f in self.config.faults if f.version == version and share >= f.min_percent]
+
+    def requests(
+        self, version: str, n: int, t0: datetime, t1: datetime, share: float, id_prefix: str
+    ) -> dict[str, np.ndarray]:
+        """``n`` requests served by ``version`` at times in ``[t0, t1)``, as column arrays."""
+        rng, cfg = self.rng, self.config
+        span = (t1 - t0).total_seconds()
+        offsets = np.sort(rng.uniform(0.0, span, n))
+        ts = np.datetime64(t0, "us") + (offsets * 1e6).astype("timedelta64[us]")
+        cols: dict[str, np.ndarray] = {
+            name: rng.choice(values, size=n, p=probs) for name, (values, probs) in SEGMENTS.items()
+        }
+        feats = rng.standard_normal((n, len(FEATURE_COLUMNS)))
+        faults = self._faults(version, share)
+
+        def scope(f: Fault) -> np.ndarray:
+            if f.segment is None:
+                return np.ones(n, dtype=bool)
+            return cols[f.segment[0]] == f.segment[1]
+
+        for f in faults:
+            if f.kind == "input_drift":
+                feats[:, 0] += f.value * scope(f)
+        cohort = np.vectorize(_COHORT_EFFECT.get, otypes=[float])(cols["user_cohort"])
+        logit = self._base_logit + 0.8 * feats[:, 0] + 0.5 * feats[:, 1] - 0.3 * feats[:, 2] + cohort
+        p_click = _sigmoid(logit)
+        score_logit = logit + rng.normal(0.0, 0.3, n)
+        for f in faults:
+            if f.kind == "ctr_drop":
+                p_click = np.where(scope(f), p_click * (1 - f.value), p_click)
+            elif f.kind == "miscalibration":
+                score_logit = score_logit + f.value * scope(f)
+        label = (rng.uniform(size=n) < p_click).astype(float)
+        for f in faults:
+            if f.kind == "recall_drop":
+                hit = scope(f) & (label == 1) & (rng.uniform(size=n) < f.value)
+                score_logit = np.where(hit, score_logit - 4.0, score_logit)
+        latency = rng.lognormal(math.log(cfg.latency_median_ms), 0.35, n)
+        fail_p = np.full(n, cfg.error_rate)
+        for f in faults:
+            if f.kind == "latency_ms":
+                latency = latency + f.value * scope(f)
+            elif f.kind == "error_rate":
+                fail_p = np.where(scope(f), f.value, fail_p)
+        success = (rng.uniform(size=n) >= fail_p).astype(int)
+        delay = cfg.label_delay.total_seconds() * rng.uniform(0.5, 1.0, n)
+        label_ts = ts + (delay * 1e6).astype("timedelta64[us]")
+        cols.update(
+            request_id=np.array([f"{id_prefix}{i}" for i in range(n)], dtype=object),
+            ts=ts, model_version=np.full(n, version, dtype=object),
+            score=_sigmoid(score_logit), label=label, label_ts=label_ts,
+            latency_ms=latency, success=success,
+        )
+        for j, name in enumerate(FEATURE_COLUMNS):
+            cols[name] = feats[:, j]
+        return cols
+
+    def resources(self, version: str, at: datetime, share: float) -> list[dict[str, Any]]:
+        """One CPU / memory sample per host of ``version``."""
+        cpu = 0.25 + 0.4 * share / 100
+        mem = 0.55
+        for f in self._faults(version, share):
+            if f.kind == "cpu":
+                cpu = f.value
+            elif f.kind == "memory":
+                mem = f.value
+        return [
+            dict(ts=at, model=self.config.model, model_version=version, host=f"{version}-host-{h}",
+                 cpu_util=float(np.clip(cpu + self.rng.normal(0, 0.02), 0, 1)),
+                 mem_util=float(np.clip(mem + self.rng.normal(0, 0.01), 0, 1)))
+            for h in range(self.config.hosts_per_version)
+        ]
+
+
+def _rows(cols: dict[str, np.ndarray], model: str, labels_asof: datetime | None) -> list[dict[str, Any]]:
+    """Column arrays to insert rows; labels not observed by ``labels_asof`` are NULL."""
+    n = len(cols["request_id"])
+    names = [k for k in cols if k not in ("ts", "label_ts", "label")]
+    ts = cols["ts"].astype("datetime64[us]").tolist()
+    label_ts = cols["label_ts"].astype("datetime64[us]").tolist()
+    asof = np.datetime64(labels_asof, "us") if labels_asof is not None else None
+    seen = (cols["label_ts"] <= asof) if asof is not None else np.zeros(n, dtype=bool)
+    label = cols["label"].tolist()
+    listed = {k: cols[k].tolist() for k in names}
+    out = []
+    for i in range(n):
+        row = {k: listed[k][i] for k in names}
+        row["model"] = model
+        row["ts"] = ts[i]
+        row["label"] = label[i] if seen[i] else None
+        row["label_ts"] = label_ts[i] if seen[i] else None
+        out.append(row)
+    return out
+
+
+def simulate_batch(
+    engine: Engine,
+    config: SimConfig,
+    start: datetime,
+    end: datetime,
+    rate: float,
+    split: Split,
+    labels_asof: datetime | None = None,
+    chunk_seconds: float = 60.0,
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """Write ``[start, end)`` at ``rate`` requests/s under a fixed ``split``; returns rows written."""
+    gen = TrafficGenerator(config)
+    labels_asof = labels_asof or utcnow()
+    total = 0
+    t = start
+    chunk = timedelta(seconds=chunk_seconds)
+    while t < end:
+        t1 = min(t + chunk, end)
+        total += _write_tick(engine, gen, split, t, t1, rate, labels_asof,
+                             f"b{config.seed}-{t:%Y%m%d%H%M%S}-")[0]
+        if progress:
+            progress(f"{t1:%Y-%m-%d %H:%M:%S}  {total:,} rows")
+        t = t1
+    return total
+
+
+def _write_tick(
+    engine: Engine, gen: TrafficGenerator, split: Split, t0: datetime, t1: datetime,
+    rate: float, labels_asof: datetime | None, id_prefix: str,
+) -> tuple[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Write one slice of traffic; returns the rows written and the labels still to arrive."""
+    seconds = (t1 - t0).total_seconds()
+    n = int(gen.rng.poisson(rate * seconds))
+    canary_pct = split.canary_percent if split.canary_version else 0.0
+    n_canary = int(gen.rng.binomial(n, canary_pct / 100)) if canary_pct else 0
+    arms = [(split.baseline_version, n - n_canary, 100 - canary_pct)]
+    if split.canary_version:
+        arms.append((split.canary_version, n_canary, canary_pct))
+    rows: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    pending = []
+    for version, count, share in arms:
+        if share <= 0:
+            continue
+        if count:
+            cols = gen.requests(version, count, t0, t1, share, f"{id_prefix}{version}-")
+            rows.extend(_rows(cols, gen.config.model, labels_asof))
+            unseen = (
+                np.ones(count, dtype=bool) if labels_asof is None
+                else cols["label_ts"] > np.datetime64(labels_asof, "us")
+            )
+            pending.append((cols["label_ts"][unseen], cols["request_id"][unseen], cols["label"][unseen]))
+        samples.extend(gen.resources(version, t1, share))
+    with engine.begin() as conn:
+        if rows:
+            conn.execute(sa.insert(predictions), rows)
+        if samples:
+            conn.execute(sa.insert(resource_metrics), samples)
+    return len(rows), pending
+
+
+class LiveSimulator:
+    """Writes traffic every ``tick`` seconds at the split the routing table currently holds.
+
+    Rows are written without labels; each label is written when its time comes.
+    """
+
+    def __init__(self, engine: Engine, config: SimConfig, rate: float, tick: float = 1.0) -> None:
+        self.engine, self.config, self.rate, self.tick = engine, config, rate, tick
+        self.gen = TrafficGenerator(config)
+        self.router = WarehouseRouter(engine)
+        self.stop_event = threading.Event()
+        self.rows_written = 0
+        self.labels_written = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._ticks = 0
+
+    def step(self, t0: datetime, t1: datetime) -> Split | None:
+        """Write the traffic of ``[t0, t1)`` and the labels that have arrived by ``t1``."""
+        split = self.router.get_split(self.config.model)
+        if split is not None:
+            self._ticks += 1
+            prefix = f"l{self.config.seed}-{t0:%Y%m%d%H%M%S%f}-{self._ticks}-"
+            n, pending = _write_tick(self.engine, self.gen, split, t0, t1, self.rate, None, prefix)
+            self.rows_written += n
+            self._pending.extend(pending)
+        self._deliver_labels(t1)
+        return split
+
+    def _deliver_labels(self, now: datetime) -> None:
+        due_at = np.datetime64(now, "us")
+        updates: list[dict[str, Any]] = []
+        keep = []
+        for label_ts, ids, labels in self._pending:
+            due = label_ts <= due_at
+            if due.any():
+                updates.extend(
+                    {"rid": rid, "label": lab, "label_ts": lts}
+                    for rid, lab, lts in zip(
+                        ids[due].tolist(), labels[due].tolist(),
+                        label_ts[due].astype("datetime64[us]").tolist(), strict=True,
+                    )
+                )
+            if (~due).any():
+                keep.append((label_ts[~due], ids[~due], labels[~due]))
+        self._pending = keep
+        if updates:
+            stmt = (
+                sa.update(predictions)
+                .where(predictions.c.request_id == sa.bindparam("rid"))
+                .values(label=sa.bindparam("label"), label_ts=sa.bindparam("label_ts"))
+            )
+            with self.engine.begin() as conn:
+                conn.execute(stmt, updates)
+            self.labels_written += len(updates)
+
+    def run(self, duration: float | None = None, progress: Callable[[str], None] | None = None) -> None:
+        """Run until ``duration`` seconds have passed or :attr:`stop_event` is set."""
+        end = time.monotonic() + duration if duration else math.inf
+        t0 = utcnow()
+        while not self.stop_event.is_set() and time.monotonic() < end:
+            self.stop_event.wait(self.tick)
+            t1 = utcnow()
+            split = self.step(t0, t1)
+            if progress and split is not None:
+                progress(
+                    f"{t1:%H:%M:%S} {self.rows_written:,} rows, {self.labels_written:,} labels; "
+                    f"{split.baseline_version} {split.share(split.baseline_version):g} % / "
+                    f"{split.canary_version or '-'} {split.share(split.canary_version or ''):g} %"
+                )
+            t0 = t1

@@ -1,0 +1,257 @@
+"""Rollout spec: the YAML a team writes for one model, validated with pydantic.
+
+A broken spec raises :class:`SpecError`, whose message names the file and the field, e.g.
+``include/rollouts/feed.yaml: stages.1.percent: Input should be less than or equal to 100``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept ``"30s"``, ``"20m"``, ``"1.5h"``, plain seconds, or ISO 8601 (``"PT30S"``)."""
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    return value
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(lambda td: f"{td.total_seconds():g}s", return_type=str),
+]
+Identifier = Annotated[str, Field(pattern=IDENTIFIER, max_length=63)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PredictionColumns(_Model):
+    request_id: Identifier = "request_id"
+    ts: Identifier = "ts"
+    model: Identifier = "model"
+    version: Identifier = "model_version"
+    score: Identifier = "score"
+    label: Identifier = "label"
+    label_ts: Identifier = "label_ts"
+    latency_ms: Identifier = "latency_ms"
+    success: Identifier = "success"
+
+
+class ResourceColumns(_Model):
+    ts: Identifier = "ts"
+    model: Identifier = "model"
+    version: Identifier = "model_version"
+    host: Identifier = "host"
+    cpu: Identifier = "cpu_util"
+    memory: Identifier = "mem_util"
+
+
+class PredictionsTable(_Model):
+    table: Identifier = "predictions"
+    db_schema: Identifier | None = Field(default=None, alias="schema")
+    columns: PredictionColumns = PredictionColumns()
+
+
+class ResourceTable(_Model):
+    table: Identifier = "resource_metrics"
+    db_schema: Identifier | None = Field(default=None, alias="schema")
+    columns: ResourceColumns = ResourceColumns()
+
+
+class WarehouseSpec(_Model):
+    conn_id: str = "mlcanary_warehouse"
+    predictions: PredictionsTable = PredictionsTable()
+    resource_metrics: ResourceTable = ResourceTable()
+
+
+class RouterSpec(_Model):
+    kind: Literal["warehouse"] = "warehouse"
+    conn_id: str | None = None  # defaults to the warehouse connection
+
+
+class Stage(_Model):
+    percent: Annotated[float, Field(gt=0, le=100)]
+    bake: Duration
+
+
+class GuardrailSpec(_Model):
+    interval: Duration = timedelta(seconds=30)
+    window: Duration = timedelta(minutes=2)
+    min_requests: Annotated[int, Field(ge=1)] = 100
+    success_rate_min: Fraction | None = 0.99
+    p99_latency_ms_max: Annotated[float, Field(gt=0)] | None = 500.0
+    cpu_max: Fraction | None = 0.90
+    memory_max: Fraction | None = 0.95
+    consecutive_breaches: Annotated[int, Field(ge=1)] = 1
+    deadline_margin: Duration = timedelta(minutes=10)
+
+    @model_validator(mode="after")
+    def _window_covers_interval(self) -> GuardrailSpec:
+        if self.window < self.interval:
+            raise ValueError("window must be at least one interval long")
+        return self
+
+
+class MetricSpec(_Model):
+    name: Identifier
+    kind: Literal["rate"] = "rate"
+    column: Literal["label"] = "label"
+    tolerance: Fraction
+    higher_is_better: bool = True
+    critical: bool = True
+
+
+class CriticalSegment(_Model):
+    column: Identifier
+    value: str
+    tolerance: Fraction
+
+
+class AnalysisSpec(_Model):
+    interval: Duration = timedelta(minutes=20)
+    window: Duration = timedelta(minutes=20)
+    label_delay: Duration = timedelta(minutes=5)
+    alpha: Fraction = 0.05
+    min_samples: Annotated[int, Field(ge=1)] = 1000
+    segments: list[Identifier] = []
+    critical_segments: list[CriticalSegment] = []
+    metrics: Annotated[list[MetricSpec], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _critical_segments_are_segments(self) -> AnalysisSpec:
+        for i, seg in enumerate(self.critical_segments):
+            if seg.column not in self.segments:
+                raise ValueError(
+                    f"critical_segments.{i}.column {seg.column!r} is not listed in segments"
+                )
+        names = [m.name for m in self.metrics]
+        if len(names) != len(set(names)):
+            raise ValueError("metric names must be unique")
+        return self
+
+
+class Policies(_Model):
+    inconclusive: Literal["rollback", "extend"] = "rollback"
+    invalid: Literal["rollback", "extend"] = "rollback"
+    max_extension: Duration = timedelta(minutes=30)
+
+
+class RolloutSpec(_Model):
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+    model: Annotated[str, Field(min_length=1, max_length=128)]
+    description: str = ""
+    owner: str = "mlcanary"
+    schedule: str | None = None
+    tags: list[str] = []
+    warehouse: WarehouseSpec = WarehouseSpec()
+    router: RouterSpec = RouterSpec()
+    stages: Annotated[list[Stage], Field(min_length=1)]
+    guardrails: GuardrailSpec = GuardrailSpec()
+    analysis: AnalysisSpec
+    policies: Policies = Policies()
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_increase(cls, stages: list[Stage]) -> list[Stage]:
+        for i in range(1, len(stages)):
+            if stages[i].percent <= stages[i - 1].percent:
+                raise ValueError(
+                    f"stage {i} percent {stages[i].percent:g} must be above "
+                    f"stage {i - 1} percent {stages[i - 1].percent:g}"
+                )
+        return stages
+
+    @property
+    def dag_id(self) -> str:
+        return f"rollout__{self.name}"
+
+    @property
+    def router_conn_id(self) -> str:
+        return self.router.conn_id or self.warehouse.conn_id
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file and each bad field."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> RolloutSpec:
+    """Validate a spec already loaded from YAML or JSON."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
+    try:
+        return RolloutSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise SpecError(source, problems) from None
+
+
+def load_spec(path: str | Path) -> RolloutSpec:
+    """Read and validate one YAML spec file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        raise SpecError(str(path), [f"{where}: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_spec(data, str(path))
+
+
+def spec_files(directory: str | Path) -> list[Path]:
+    """The spec files of a folder, in a stable order."""
+    directory = Path(directory)
+    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+
+
+def load_specs(directory: str | Path) -> tuple[list[RolloutSpec], list[SpecError]]:
+    """Load every spec of a folder; a broken one is returned as an error, never raised."""
+    specs: list[RolloutSpec] = []
+    errors: list[SpecError] = []
+    seen: dict[str, Path] = {}
+    for path in spec_files(directory):
+        try:
+            spec = load_spec(path)
+        except SpecError as exc:
+            errors.append(exc)
+            continue
+        if spec.name in seen:
+            errors.append(SpecError(str(path), [f"name: {spec.name!r} is already used by {seen[spec.name]}"]))
+            continue
+        seen[spec.name] = path
+        specs.append(spec)
+    return specs, errors

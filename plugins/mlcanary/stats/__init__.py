@@ -1,0 +1,1 @@
+"""Statistics on aggregates: pure functions of counts and sums, returning small result objects."""

@@ -1,0 +1,1 @@
+"""The warehouse layer: engines, tables and aggregate queries. Imports nothing else of mlcanary."""

@@ -1,0 +1,144 @@
+"""Warehouse tables (SQLAlchemy Core): the default data contract and mlcanary's own state and audit.
+
+The contract tables (``predictions``, ``resource_metrics``) are what the simulator, the demo and the
+tests write; a spec can point mlcanary at other tables and column names instead. The state and audit
+tables are always mlcanary's own. :func:`create_schema` is idempotent.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+metadata = sa.MetaData()
+
+SEGMENT_COLUMNS = ("user_cohort", "device", "region", "city", "trip_type", "time_of_day")
+FEATURE_COLUMNS = ("f1", "f2", "f3", "f4", "f5")
+
+_VERSION = sa.String(128)
+
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("ts", sa.DateTime, nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("model_version", _VERSION, nullable=False),
+    *(sa.Column(name, sa.String(64)) for name in SEGMENT_COLUMNS),
+    *(sa.Column(name, sa.Float) for name in FEATURE_COLUMNS),
+    sa.Column("score", sa.Float),
+    sa.Column("label", sa.Float),
+    sa.Column("label_ts", sa.DateTime),
+    sa.Column("latency_ms", sa.Float),
+    sa.Column("success", sa.SmallInteger),
+    sa.Index("ix_predictions_model_version_ts", "model", "model_version", "ts"),
+)
+
+resource_metrics = sa.Table(
+    "resource_metrics",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.DateTime, nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("model_version", _VERSION, nullable=False),
+    sa.Column("host", sa.String(128), nullable=False),
+    sa.Column("cpu_util", sa.Float),
+    sa.Column("mem_util", sa.Float),
+    sa.Index("ix_resource_metrics_model_version_ts", "model", "model_version", "ts"),
+)
+
+# --- mlcanary's own state and audit ---------------------------------------------------------------
+
+rollouts = sa.Table(
+    "mlcanary_rollouts",
+    metadata,
+    sa.Column("rollout_id", sa.String(250), primary_key=True),
+    sa.Column("spec_name", sa.String(63), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("baseline_version", _VERSION, nullable=False),
+    sa.Column("canary_version", _VERSION, nullable=False),
+    sa.Column("dry_run", sa.Boolean, nullable=False, default=False),
+    sa.Column("status", sa.String(20), nullable=False),  # running | promoted | rolled_back | failed
+    sa.Column("stage_reached", sa.Integer, nullable=False, default=0),
+    sa.Column("canary_percent", sa.Float, nullable=False, default=0.0),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("ended_at", sa.DateTime),
+    sa.Column("reason", sa.Text),
+    # The per-model lock: set while the rollout is active, NULL afterwards. UNIQUE admits many NULLs.
+    sa.Column("active_model", sa.String(128), unique=True),
+)
+
+traffic_split = sa.Table(
+    "mlcanary_traffic_split",
+    metadata,
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("baseline_version", _VERSION, nullable=False),
+    sa.Column("canary_version", _VERSION),
+    sa.Column("canary_percent", sa.Float, nullable=False, default=0.0),
+    sa.Column("rollout_id", sa.String(250)),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+traffic_history = sa.Table(
+    "mlcanary_traffic_history",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("rollout_id", sa.String(250)),
+    sa.Column("baseline_version", _VERSION, nullable=False),
+    sa.Column("canary_version", _VERSION),
+    sa.Column("from_percent", sa.Float),
+    sa.Column("to_percent", sa.Float, nullable=False),
+    sa.Column("applied", sa.Boolean, nullable=False),  # False: dry run or no change needed
+    sa.Column("note", sa.Text),
+    sa.Column("at", sa.DateTime, nullable=False),
+)
+
+measurements = sa.Table(
+    "mlcanary_measurements",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rollout_id", sa.String(250), index=True),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("tier", sa.String(20), nullable=False),  # guardrail | analysis
+    sa.Column("stage", sa.Integer),
+    sa.Column("check_name", sa.String(63), nullable=False),
+    sa.Column("segment", sa.String(200), nullable=False),  # "*" or "column=value"
+    sa.Column("baseline_version", _VERSION),
+    sa.Column("canary_version", _VERSION),
+    sa.Column("window_start", sa.DateTime),
+    sa.Column("window_end", sa.DateTime),
+    sa.Column("baseline_value", sa.Float),
+    sa.Column("canary_value", sa.Float),
+    sa.Column("baseline_n", sa.BigInteger),
+    sa.Column("canary_n", sa.BigInteger),
+    sa.Column("threshold", sa.Float),
+    sa.Column("ci_low", sa.Float),
+    sa.Column("ci_high", sa.Float),
+    sa.Column("verdict", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("measured_at", sa.DateTime, nullable=False),
+)
+
+decisions = sa.Table(
+    "mlcanary_decisions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rollout_id", sa.String(250), index=True),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("stage", sa.Integer),
+    sa.Column("action", sa.String(20), nullable=False),  # advance | promote | rollback | extend
+    sa.Column("verdict", sa.String(16)),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("decided_at", sa.DateTime, nullable=False),
+)
+
+
+def create_schema(engine: Engine, *, contract: bool = True) -> None:
+    """Create the state and audit tables, and (``contract=True``) the default contract tables.
+
+    Idempotent: existing tables are left as they are.
+    """
+    own = [rollouts, traffic_split, traffic_history, measurements, decisions]
+    tables = own + ([predictions, resource_metrics] if contract else [])
+    metadata.create_all(engine, tables=tables, checkfirst=True)
