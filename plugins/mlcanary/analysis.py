@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
 
 from mlcanary.spec import MetricSpec, RolloutSpec
-from mlcanary.stats.rates import rate_ratio
+from mlcanary.stats.rates import RateRatio, mean_ratio, rate_ratio
 from mlcanary.tables import predictions_table
+from mlcanary.warehouse.queries import MappedTable
 from mlcanary.verdict import CheckResult, Verdict, combine, first_reason
 from mlcanary.warehouse import queries
 from mlcanary.warehouse.queries import OVERALL, SegmentSums
@@ -73,6 +76,7 @@ def analyze(
     sums = queries.labelled_sums(
         conn, table, spec.model, [baseline_version, canary_version],
         window.start, window.end, window.label_asof, a.segments,
+        {m.value: _value_expression(table, m.value) for m in a.metrics},
     )
     by_key: dict[tuple[str, str, str], SegmentSums] = {(s.version, s.column, s.value): s for s in sums}
     groups = sorted({(s.column, s.value) for s in sums} | {(OVERALL, OVERALL)},
@@ -86,7 +90,7 @@ def analyze(
         for column, value in groups:
             overall = column == OVERALL
             tolerance = critical.get((column, value), metric.tolerance)
-            checks.append(_rate_check(
+            checks.append(_ratio_check(
                 metric, column, value, tolerance, a.alpha, a.min_samples, window,
                 by_key.get((baseline_version, column, value)),
                 by_key.get((canary_version, column, value)),
@@ -98,7 +102,25 @@ def analyze(
                           window, checks)
 
 
-def _rate_check(
+def _value_expression(t: MappedTable, value: str) -> ColumnElement:
+    score, label = t.col("score"), t.col("label")
+    return {
+        "label": sa.cast(label, sa.Float),
+        "score": sa.cast(score, sa.Float),
+        "abs_error": sa.func.abs(score - label),
+        "squared_error": (score - label) * (score - label),
+    }[value]
+
+
+def _compare(metric: MetricSpec, base: SegmentSums, canary: SegmentSums, alpha: float) -> RateRatio:
+    s_b, q_b = base.sums[metric.value]
+    s_c, q_c = canary.sums[metric.value]
+    if metric.kind == "rate":
+        return rate_ratio(s_c, canary.n, s_b, base.n, alpha)
+    return mean_ratio(canary.n, s_c, q_c, base.n, s_b, q_b, alpha)
+
+
+def _ratio_check(
     metric: MetricSpec,
     column: str,
     value: str,
@@ -115,7 +137,8 @@ def _rate_check(
     segment = OVERALL if column == OVERALL else f"{column}={value}"
     where = "" if column == OVERALL else f" for {segment}"
     n_b, n_c = (base.n if base else 0), (canary.n if canary else 0)
-    x_b, x_c = (base.total if base else 0.0), (canary.total if canary else 0.0)
+    x_b = base.sums[metric.value][0] if base else 0.0
+    x_c = canary.sums[metric.value][0] if canary else 0.0
     bound = 1 - tolerance if metric.higher_is_better else 1 + tolerance
     common = dict(tier="analysis", check=metric.name, segment=segment, window_start=window.start,
                   window_end=window.end, canary_n=n_c, baseline_n=n_b, threshold=bound,
@@ -126,18 +149,20 @@ def _rate_check(
                            baseline_value=x_b / n_b if n_b else None,
                            reason=f"{metric.name}{where}: too few labelled samples "
                                   f"(canary {n_c:,}, baseline {n_b:,}; minimum {min_samples:,})")
-    r = rate_ratio(x_c, n_c, x_b, n_b, alpha)
+    assert base is not None and canary is not None
+    r = _compare(metric, base, canary, alpha)
     if not all(math.isfinite(v) for v in (r.ratio, r.ci_low, r.ci_high)):
-        return CheckResult(verdict=Verdict.INCONCLUSIVE, **common, canary_value=r.canary_rate,
-                           baseline_value=r.baseline_rate,
-                           reason=f"{metric.name}{where}: baseline rate is zero, no ratio to test")
+        return CheckResult(verdict=Verdict.INCONCLUSIVE, **common, canary_value=_finite(r.canary_rate),
+                           baseline_value=_finite(r.baseline_rate),
+                           reason=f"{metric.name}{where}: no ratio to test (a mean is zero, "
+                                  "negative or not a number)")
     good = r.ci_low > bound if metric.higher_is_better else r.ci_high < bound
     bad = r.ci_high < bound if metric.higher_is_better else r.ci_low > bound
     verdict = Verdict.PASS if good else Verdict.FAIL if bad else Verdict.INCONCLUSIVE
     moved = "fell" if r.ratio < 1 else "rose"
     level = 100 * (1 - 2 * alpha)
     reason = (
-        f"{metric.name}{where} {moved} {r.baseline_rate:.4f} → {r.canary_rate:.4f} "
+        f"{metric.name}{where} {moved} {r.baseline_rate:.4g} → {r.canary_rate:.4g} "
         f"({_rel(r.ratio)}, {level:g} % CI {_rel(r.ci_low)} … {_rel(r.ci_high)}), "
         f"tolerance {100 * tolerance:g} %, n={n_c:,} canary / {n_b:,} baseline: "
         + {Verdict.PASS: "within tolerance", Verdict.FAIL: "worse than tolerance",
@@ -145,6 +170,10 @@ def _rate_check(
     )
     return CheckResult(verdict=verdict, reason=reason, canary_value=r.canary_rate,
                        baseline_value=r.baseline_rate, ci_low=r.ci_low, ci_high=r.ci_high, **common)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _rel(ratio: float) -> str:

@@ -6,6 +6,7 @@ These functions are what the Airflow tasks call; they work the same from a scrip
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -35,12 +36,13 @@ class Rollout:
     stage_reached: int
     canary_percent: float
     reason: str | None
+    started_at: datetime
 
     @classmethod
     def from_row(cls, row: sa.Row) -> Rollout:
         return cls(row.rollout_id, row.spec_name, row.model, row.baseline_version,
                    row.canary_version, bool(row.dry_run), row.status, row.stage_reached,
-                   float(row.canary_percent), row.reason)
+                   float(row.canary_percent), row.reason, row.started_at)
 
 
 def get_rollout(conn: Connection, rollout_id: str) -> Rollout | None:

@@ -117,12 +117,24 @@ class GuardrailSpec(_Model):
 
 
 class MetricSpec(_Model):
+    """A metric compared between the arms as the ratio canary / baseline.
+
+    ``rate``: the mean of a 0/1 label (CTR, conversion). ``mean``: the mean of ``value``, e.g.
+    ``abs_error`` (|score - label|, the prediction error of a regressor) or ``label`` (watch time).
+    """
+
     name: Identifier
-    kind: Literal["rate"] = "rate"
-    column: Literal["label"] = "label"
+    kind: Literal["rate", "mean"] = "rate"
+    value: Literal["label", "score", "abs_error", "squared_error"] = "label"
     tolerance: Fraction
     higher_is_better: bool = True
     critical: bool = True
+
+    @model_validator(mode="after")
+    def _rate_of_label(self) -> MetricSpec:
+        if self.kind == "rate" and self.value != "label":
+            raise ValueError("a rate metric is the mean of the 0/1 label: value must be 'label'")
+        return self
 
 
 class CriticalSegment(_Model):
@@ -238,9 +250,9 @@ def spec_files(directory: str | Path) -> list[Path]:
     return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
 
 
-def load_specs(directory: str | Path) -> tuple[list[RolloutSpec], list[SpecError]]:
+def load_specs(directory: str | Path) -> tuple[list[tuple[Path, RolloutSpec]], list[SpecError]]:
     """Load every spec of a folder; a broken one is returned as an error, never raised."""
-    specs: list[RolloutSpec] = []
+    specs: list[tuple[Path, RolloutSpec]] = []
     errors: list[SpecError] = []
     seen: dict[str, Path] = {}
     for path in spec_files(directory):
@@ -253,5 +265,5 @@ def load_specs(directory: str | Path) -> tuple[list[RolloutSpec], list[SpecError
             errors.append(SpecError(str(path), [f"name: {spec.name!r} is already used by {seen[spec.name]}"]))
             continue
         seen[spec.name] = path
-        specs.append(spec)
+        specs.append((path, spec))
     return specs, errors

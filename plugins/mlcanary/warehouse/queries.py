@@ -105,14 +105,13 @@ def resource_means(
 
 @dataclass(frozen=True)
 class SegmentSums:
-    """Count, sum and sum of squares of a value for one version and one segment."""
+    """Count, and sum and sum of squares of each value, for one version and one segment."""
 
     version: str
     column: str  # "*" for the whole arm
     value: str  # "*" for the whole arm
     n: int
-    total: float
-    total_sq: float
+    sums: Mapping[str, tuple[float, float]]  # value name -> (sum, sum of squares)
 
 
 def labelled_sums(
@@ -123,9 +122,10 @@ def labelled_sums(
     start: datetime,
     end: datetime,
     label_asof: datetime,
-    segment_columns: Sequence[str] = (),
+    segment_columns: Sequence[str],
+    values: Mapping[str, ColumnElement],
 ) -> list[SegmentSums]:
-    """Sums of the label per version, overall and per value of each segment column.
+    """Count, sum and sum of squares of each of ``values`` per version, overall and per segment value.
 
     Only rows in ``[start, end)`` whose label was observed by ``label_asof`` count. One statement:
     a UNION ALL of the overall GROUP BY and one GROUP BY per segment column.
@@ -139,11 +139,11 @@ def labelled_sums(
         label.is_not(None),
         t.col("label_ts") <= label_asof,
     ]
-    measures: list[ColumnElement] = [
-        sa.func.count().label("n"),
-        sa.func.sum(label).label("total"),
-        sa.func.sum(label * label).label("total_sq"),
-    ]
+    keys = list(values)
+    measures: list[ColumnElement] = [sa.func.count().label("n")]
+    for i, key in enumerate(keys):
+        expr = values[key]
+        measures += [sa.func.sum(expr).label(f"s{i}"), sa.func.sum(expr * expr).label(f"q{i}")]
     version = t.col("version")
     parts = [
         sa.select(
@@ -168,14 +168,11 @@ def labelled_sums(
             .group_by(version, seg)
         )
     stmt = parts[0] if len(parts) == 1 else sa.union_all(*parts)
-    return [
-        SegmentSums(
-            version=row.version,
-            column=row.seg_column,
-            value=row.seg_value,
-            n=int(row.n),
-            total=float(row.total or 0.0),
-            total_sq=float(row.total_sq or 0.0),
-        )
-        for row in conn.execute(stmt)
-    ]
+    out = []
+    for row in conn.execute(stmt):
+        m = row._mapping
+        out.append(SegmentSums(
+            version=row.version, column=row.seg_column, value=row.seg_value, n=int(row.n),
+            sums={k: (float(m[f"s{i}"] or 0.0), float(m[f"q{i}"] or 0.0)) for i, k in enumerate(keys)},
+        ))
+    return out

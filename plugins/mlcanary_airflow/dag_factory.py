@@ -1,0 +1,134 @@
+"""One rollout DAG per spec.
+
+::
+
+    validate_and_lock ─► stage_1 [shift_traffic ─► guardrails ─► analysis] ─► stage_2 … ─► decide
+    decide ─► promote ─► finish                       (final analysis PASS)
+    decide ─► rollback ─► rolled_back (fails the run) (otherwise, per the spec's policy)
+    any failure in a stage ─────────► rollback
+
+Building a DAG reads nothing but the spec: no database, no network, no Airflow Variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+from airflow.sdk import DAG, Param, TaskGroup, TriggerRule, get_parsing_context
+
+from mlcanary.spec import VERSION_PATTERN, RolloutSpec, SpecError, load_specs
+from mlcanary_airflow.operators import (
+    AnalysisOperator,
+    BeginRolloutOperator,
+    DecideOperator,
+    FailRunOperator,
+    FinishRolloutOperator,
+    PromoteOperator,
+    RollbackOperator,
+    ShiftTrafficOperator,
+)
+from mlcanary_airflow.sensors import GuardrailSensor
+
+log = logging.getLogger(__name__)
+
+
+class SpecWarning(UserWarning):
+    """A rollout spec that could not be turned into a DAG (the others still load)."""
+
+
+def _params(spec: RolloutSpec) -> dict[str, Param]:
+    candidate: dict = dict(
+        title="Candidate version",
+        description="The model version to roll out (the canary).",
+        pattern=VERSION_PATTERN,
+    )
+    return {
+        # A scheduled spec needs a default; issue-free runs without a candidate skip cleanly.
+        "candidate_version": (
+            Param(None, type=["null", "string"], **candidate) if spec.schedule
+            else Param(type="string", minLength=1, **candidate)
+        ),
+        "baseline_version": Param(
+            None, type=["null", "string"], pattern=VERSION_PATTERN, title="Baseline version",
+            description="The version to compare with. Empty: the version serving the model now.",
+        ),
+        "dry_run": Param(
+            False, type="boolean", title="Dry run",
+            description="Run every check and decision but change no traffic.",
+        ),
+    }
+
+
+def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
+    data = spec.model_dump(mode="json", by_alias=True)
+    doc = (
+        f"### Rollout of `{spec.model}`\n\n{spec.description}\n\n"
+        f"Stages: {', '.join(f'{s.percent:g} % for {s.bake}' for s in spec.stages)}.  \n"
+        f"Spec: `{source}`"
+    )
+    with DAG(
+        dag_id=spec.dag_id,
+        description=spec.description or f"canary rollout of {spec.model}",
+        doc_md=doc,
+        schedule=spec.schedule,
+        start_date=datetime(2026, 1, 1, tzinfo=UTC),
+        catchup=False,
+        max_active_runs=1,
+        params=_params(spec),
+        tags=["mlcanary", spec.model, *spec.tags],
+        default_args={"owner": spec.owner},
+    ) as dag:
+        begin = BeginRolloutOperator(task_id="validate_and_lock", spec=data)
+        previous = begin
+        stage_tasks = []
+        final_analysis = None
+        for number in range(1, len(spec.stages) + 1):
+            last = number == len(spec.stages)
+            with TaskGroup(group_id=f"stage_{number}",
+                           tooltip=f"{spec.stages[number - 1].percent:g} % canary") as group:
+                shift = ShiftTrafficOperator(task_id="shift_traffic", spec=data, stage=number)
+                guard = GuardrailSensor(task_id="guardrails", spec=data, stage=number)
+                analysis = AnalysisOperator(task_id="analysis", spec=data, stage=number, final=last)
+                shift >> guard >> analysis
+            previous >> group
+            previous = group
+            stage_tasks += [shift, guard, analysis]
+            final_analysis = analysis
+        assert final_analysis is not None
+        decide = DecideOperator(task_id="decide", spec=data,
+                                final_analysis_task_id=final_analysis.task_id)
+        promote = PromoteOperator(task_id="promote", spec=data)
+        rollback = RollbackOperator(task_id="rollback", spec=data, trigger_rule=TriggerRule.ALL_DONE)
+        rolled_back = FailRunOperator(task_id="rolled_back")
+        finish = FinishRolloutOperator(task_id="finish", spec=data, trigger_rule=TriggerRule.ALL_DONE)
+        previous >> decide >> [promote, rollback]
+        [*stage_tasks, begin] >> rollback
+        rollback >> rolled_back
+        [promote, rollback] >> finish
+    return dag
+
+
+def build_dags(spec_dir: str | Path) -> dict[str, DAG]:
+    """A DAG for every valid spec of ``spec_dir``; each broken spec is reported and left out."""
+    specs, errors = load_specs(spec_dir)
+    for error in errors:
+        _report(error)
+    wanted = get_parsing_context().dag_id  # a worker builds only the DAG it runs
+    dags: dict[str, DAG] = {}
+    for path, spec in specs:
+        if wanted is not None and wanted != spec.dag_id:
+            continue
+        try:
+            dags[spec.dag_id] = build_dag(spec, path)
+        except Exception as exc:  # one spec must never take the other rollouts' DAGs down
+            _report(SpecError(str(path), [f"cannot build the DAG: {exc}"]))
+    return dags
+
+
+def _report(error: SpecError) -> None:
+    message = f"mlcanary: rollout spec skipped, its DAG is not loaded:\n{error}"
+    log.error(message)
+    warnings.warn(message, SpecWarning, stacklevel=2)

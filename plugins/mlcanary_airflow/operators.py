@@ -1,0 +1,252 @@
+"""Operators of a rollout DAG. Each maps one task to one call of the core library."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import Any
+
+from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+from airflow.sdk import BaseBranchOperator, BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from sqlalchemy.engine import Engine
+
+from mlcanary import rollout as lifecycle
+from mlcanary.analysis import AnalysisResult, AnalysisWindow, analyze
+from mlcanary.audit import last_decision, record_checks, record_decision
+from mlcanary.report import format_report, rollout_report
+from mlcanary.rollout import Rollout, RolloutError
+from mlcanary.routers.base import Router
+from mlcanary.routers.warehouse import WarehouseRouter
+from mlcanary.spec import RolloutSpec
+from mlcanary.verdict import Verdict
+from mlcanary.warehouse.engine import utcnow
+from mlcanary.warehouse.schema import create_schema
+from mlcanary_airflow.hooks import WarehouseHook
+
+
+def rollout_id_of(context: Context) -> str:
+    return f"{context['dag'].dag_id}/{context['run_id']}"
+
+
+class RolloutTaskMixin:
+    """What every rollout task needs: its spec, the warehouse, the router and its rollout."""
+
+    spec_data: dict[str, Any]
+
+    @cached_property
+    def spec(self) -> RolloutSpec:
+        return RolloutSpec.model_validate(self.spec_data)
+
+    @cached_property
+    def engine(self) -> Engine:
+        return WarehouseHook(self.spec.warehouse.conn_id).get_engine()
+
+    @cached_property
+    def router(self) -> Router:
+        return WarehouseRouter(WarehouseHook(self.spec.router_conn_id).get_engine())
+
+    def rollout(self, context: Context) -> Rollout:
+        with self.engine.connect() as conn:
+            found = lifecycle.get_rollout(conn, rollout_id_of(context))
+        if found is None:
+            raise AirflowSkipException("this run never started a rollout (see validate_and_lock)")
+        return found
+
+
+class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
+    """Validate the trigger's versions and take the model's lock; nothing else touches traffic first."""
+
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, spec: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec_data = spec
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        params = context["params"]
+        candidate = params.get("candidate_version")
+        if not candidate:
+            raise AirflowSkipException(f"no candidate version for {self.spec.model}: nothing to roll out")
+        create_schema(self.engine, contract=False)
+        try:
+            started = lifecycle.begin_rollout(
+                self.engine, self.router, self.spec, rollout_id_of(context), candidate,
+                params.get("baseline_version") or None, bool(params.get("dry_run")),
+            )
+        except RolloutError as exc:
+            raise AirflowFailException(str(exc)) from None
+        self.log.info("rollout %s: %s → %s%s", started.rollout_id, started.baseline_version,
+                      started.canary_version, " (dry run)" if started.dry_run else "")
+        return {"baseline_version": started.baseline_version, "canary_version": started.canary_version}
+
+
+class ShiftTrafficOperator(RolloutTaskMixin, BaseOperator):
+    """Move the canary to the stage's share; idempotent, verified by reading the split back."""
+
+    ui_color = "#fff4e5"
+
+    def __init__(self, *, spec: dict[str, Any], stage: int, **kwargs: Any) -> None:
+        kwargs.setdefault("retries", 3)
+        kwargs.setdefault("retry_delay", timedelta(seconds=5))
+        super().__init__(**kwargs)
+        self.spec_data = spec
+        self.stage = stage
+
+    def execute(self, context: Context) -> float:
+        split = lifecycle.shift_to_stage(self.engine, self.router, self.spec, self.rollout(context), self.stage)
+        self.log.info("stage %d: canary %s at %g %%", self.stage, split.canary_version, split.canary_percent)
+        return split.canary_percent
+
+
+class AnalysisOperator(RolloutTaskMixin, BaseOperator):
+    """Slow ML analysis of the label-complete window so far.
+
+    FAIL stops the rollout at once. At the last stage, with the policy ``extend``, an INCONCLUSIVE or
+    INVALID result waits one analysis interval in the triggerer and looks again, until the verdict
+    is conclusive or ``policies.max_extension`` has passed.
+    """
+
+    ui_color = "#e6f4ea"
+
+    def __init__(self, *, spec: dict[str, Any], stage: int, final: bool, **kwargs: Any) -> None:
+        kwargs.setdefault("retries", 2)
+        kwargs.setdefault("retry_delay", timedelta(seconds=10))
+        super().__init__(**kwargs)
+        self.spec_data = spec
+        self.stage = stage
+        self.final = final
+
+    def execute(self, context: Context, event: Any = None, first_look: float | None = None) -> dict[str, Any]:
+        first_look = first_look or time.time()
+        rollout = self.rollout(context)
+        with self.engine.connect() as conn:
+            window = AnalysisWindow.ending_at(self.spec, utcnow(), not_before=rollout.started_at)
+            result = analyze(conn, self.spec, rollout.baseline_version, rollout.canary_version, window)
+        with self.engine.begin() as conn:
+            record_checks(conn, result.checks, model=self.spec.model, rollout_id=rollout.rollout_id,
+                          stage=self.stage, baseline_version=rollout.baseline_version,
+                          canary_version=rollout.canary_version)
+        self.log.info("stage %d analysis: %s: %s", self.stage, result.verdict.value, result.reason)
+        if result.verdict is Verdict.FAIL:
+            record_decision(self.engine, rollout_id=rollout.rollout_id, model=self.spec.model,
+                            stage=self.stage, action="rollback", verdict=result.verdict,
+                            reason=f"analysis: {result.reason}")
+            raise AirflowFailException(f"analysis FAIL: {result.reason}")
+        if self._extend(result, first_look):
+            record_decision(self.engine, rollout_id=rollout.rollout_id, model=self.spec.model,
+                            stage=self.stage, action="extend", verdict=result.verdict,
+                            reason=f"{result.verdict.value}, policy extend: looking again in "
+                                   f"{self.spec.analysis.interval}: {result.reason}")
+            self.defer(
+                trigger=DateTimeTrigger(moment=_aware(utcnow() + self.spec.analysis.interval)),
+                method_name="execute",
+                kwargs={"first_look": first_look},
+            )
+        return {"verdict": result.verdict.value, "reason": result.reason}
+
+    def _extend(self, result: AnalysisResult, first_look: float) -> bool:
+        if not self.final or result.verdict is Verdict.PASS:
+            return False
+        p = self.spec.policies
+        policy = p.invalid if result.verdict is Verdict.INVALID else p.inconclusive
+        waited = time.time() - first_look + self.spec.analysis.interval.total_seconds()
+        return policy == "extend" and waited <= p.max_extension.total_seconds()
+
+
+def _aware(naive_utc_moment: datetime) -> datetime:
+    return naive_utc_moment.replace(tzinfo=UTC)
+
+
+class DecideOperator(RolloutTaskMixin, BaseBranchOperator):
+    """Promote on PASS of the final analysis; otherwise apply the spec's policy."""
+
+    def __init__(self, *, spec: dict[str, Any], final_analysis_task_id: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec_data = spec
+        self.final_analysis_task_id = final_analysis_task_id
+
+    def choose_branch(self, context: Context) -> str:
+        rollout = self.rollout(context)
+        final = context["ti"].xcom_pull(task_ids=self.final_analysis_task_id) or {}
+        verdict = Verdict(final.get("verdict", Verdict.INCONCLUSIVE.value))
+        reason = final.get("reason", "no final analysis result")
+        if verdict is Verdict.PASS:
+            self.log.info("final analysis PASS: promote")
+            return "promote"
+        policy = self.spec.policies.invalid if verdict is Verdict.INVALID else self.spec.policies.inconclusive
+        why = f"final analysis {verdict.value} (policy {policy}, no time left to extend): {reason}"
+        record_decision(self.engine, rollout_id=rollout.rollout_id, model=self.spec.model,
+                        stage=len(self.spec.stages), action="rollback", verdict=verdict, reason=why)
+        self.log.info(why)
+        return "rollback"
+
+
+class PromoteOperator(RolloutTaskMixin, BaseOperator):
+    ui_color = "#ceead6"
+
+    def __init__(self, *, spec: dict[str, Any], **kwargs: Any) -> None:
+        kwargs.setdefault("retries", 3)
+        kwargs.setdefault("retry_delay", timedelta(seconds=5))
+        super().__init__(**kwargs)
+        self.spec_data = spec
+
+    def execute(self, context: Context) -> None:
+        rollout = self.rollout(context)
+        lifecycle.promote(self.engine, self.router, self.spec, rollout,
+                          f"all {len(self.spec.stages)} stages healthy and final analysis PASS")
+        self.log.info("promoted %s: it now serves 100 %% of %s", rollout.canary_version, self.spec.model)
+
+
+class RollbackOperator(RolloutTaskMixin, BaseOperator):
+    """Canary to 0 %. Runs when anything upstream failed or the decision says so."""
+
+    ui_color = "#fce8e6"
+
+    def __init__(self, *, spec: dict[str, Any], **kwargs: Any) -> None:
+        kwargs.setdefault("retries", 5)
+        kwargs.setdefault("retry_delay", timedelta(seconds=5))
+        kwargs.setdefault("retry_exponential_backoff", 2.0)
+        super().__init__(**kwargs)
+        self.spec_data = spec
+
+    def execute(self, context: Context) -> str:
+        rollout = self.rollout(context)
+        with self.engine.connect() as conn:
+            decided = last_decision(conn, rollout.rollout_id, "rollback")
+        reason = decided.reason if decided else "an upstream task failed (see the Airflow run)"
+        if decided is None:
+            record_decision(self.engine, rollout_id=rollout.rollout_id, model=self.spec.model,
+                            stage=rollout.stage_reached or None, action="rollback", verdict=None,
+                            reason=reason)
+        lifecycle.rollback(self.engine, self.router, self.spec, rollout, reason)
+        self.log.warning("rolled back %s to 0 %%: %s", rollout.canary_version, reason)
+        return reason
+
+
+class FailRunOperator(BaseOperator):
+    """Ends the DAG run as failed after a rollback, so Airflow's own alerting fires."""
+
+    ui_color = "#f28b82"
+
+    def execute(self, context: Context) -> None:
+        reason = context["ti"].xcom_pull(task_ids="rollback")
+        raise AirflowFailException(f"rolled back: {reason}")
+
+
+class FinishRolloutOperator(RolloutTaskMixin, BaseOperator):
+    """Release the model's lock and log the report, whatever happened."""
+
+    def __init__(self, *, spec: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec_data = spec
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        rollout = self.rollout(context)
+        ended = lifecycle.release(self.engine, rollout.rollout_id, "ended without promotion or rollback")
+        with self.engine.connect() as conn:
+            report = rollout_report(conn, rollout.rollout_id)
+        assert report is not None and ended is not None
+        self.log.info("\n%s", format_report(report))
+        return {"status": ended.status, "stage_reached": ended.stage_reached, "reason": ended.reason}
