@@ -95,6 +95,7 @@ class SimConfig:
     error_rate: float = 0.001
     label_delay: timedelta = timedelta(seconds=5)
     hosts_per_version: int = 2
+    scrape_interval: float = 2.0  # seconds between resource samples of each host
     seed: int = 0
     faults: list[Fault] = field(default_factory=list)
 
@@ -235,6 +236,14 @@ def simulate_batch(
     return total
 
 
+def _scrape_times(t0: datetime, t1: datetime, every: float) -> list[datetime]:
+    """The scrape moments in ``[t0, t1)``: multiples of ``every`` seconds since the epoch."""
+    epoch = datetime(1970, 1, 1)
+    first = math.ceil((t0 - epoch).total_seconds() / every)
+    last = math.ceil((t1 - epoch).total_seconds() / every)
+    return [epoch + timedelta(seconds=k * every) for k in range(first, last)]
+
+
 def _write_tick(
     engine: Engine, gen: TrafficGenerator, split: Split, t0: datetime, t1: datetime,
     rate: float, labels_asof: datetime | None, id_prefix: str,
@@ -261,7 +270,8 @@ def _write_tick(
                 else cols["label_ts"] > np.datetime64(labels_asof, "us")
             )
             pending.append((cols["label_ts"][unseen], cols["request_id"][unseen], cols["label"][unseen]))
-        samples.extend(gen.resources(version, t1, share))
+        for at in _scrape_times(t0, t1, gen.config.scrape_interval):
+            samples.extend(gen.resources(version, at, share))
     with engine.begin() as conn:
         if rows:
             conn.execute(sa.insert(predictions), rows)

@@ -1,0 +1,95 @@
+"""The DAG factory: every example loads, a broken spec takes only its own DAG down, parsing is offline."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+import yaml
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk import TriggerRule
+from airflow.sdk.definitions.param import ParamsDict
+
+from conftest import ROOT, base_spec
+from mlcanary.spec import load_spec
+from mlcanary_airflow.dag_factory import SpecWarning, build_dag, build_dags
+from mlcanary_airflow.sensors import GuardrailSensor
+
+
+def _bag(monkeypatch: pytest.MonkeyPatch, spec_dir: Path | None = None) -> DagBag:
+    if spec_dir is not None:
+        monkeypatch.setenv("MLCANARY_SPEC_DIR", str(spec_dir))
+    return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+def test_dagbag_loads_every_example_without_import_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    bag = _bag(monkeypatch)
+    assert bag.import_errors == {}
+    expected = {f"rollout__{p.stem}" for p in (ROOT / "include/rollouts").glob("*.yaml")}
+    assert set(bag.dag_ids) == expected
+
+
+def test_a_broken_spec_leaves_only_its_own_dag_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "good_one.yaml").write_text(yaml.safe_dump(base_spec(name="good_one")))
+    (tmp_path / "good_two.yaml").write_text(yaml.safe_dump(base_spec(name="good_two", model="m2")))
+    broken = base_spec(name="broken")
+    broken["guardrails"] = {**broken["guardrails"], "cpu_max": 7}
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    bag = _bag(monkeypatch, tmp_path)
+    assert bag.import_errors == {}
+    assert set(bag.dag_ids) == {"rollout__good_one", "rollout__good_two"}
+    with pytest.warns(SpecWarning) as caught:
+        build_dags(tmp_path)
+    text = str(caught[0].message)
+    assert f"{tmp_path / 'broken.yaml'}: guardrails.cpu_max:" in text
+
+
+def test_parsing_touches_no_database_or_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("DAG parsing tried to open a connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(sqlalchemy, "create_engine", refuse)
+    monkeypatch.setattr("mlcanary.warehouse.engine.sa.create_engine", refuse)
+    dags = build_dags(ROOT / "include" / "rollouts")
+    assert len(dags) == len(list((ROOT / "include/rollouts").glob("*.yaml")))
+
+
+def test_trigger_form_asks_for_candidate_baseline_and_dry_run() -> None:
+    dag = build_dag(load_spec(ROOT / "include/rollouts/feed_ranker.yaml"))
+    params = dag.params
+    assert list(params.keys()) == ["candidate_version", "baseline_version", "dry_run"]
+    schema = params.get_param("candidate_version").schema
+    assert schema["type"] == "string" and schema["pattern"]
+    good = ParamsDict({**params.dump(), "candidate_version": "v7"})
+    assert dict(good.validate())["candidate_version"] == "v7"
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for bad in ("", "v7; drop table", None):
+        with pytest.raises(ParamValidationError):
+            p = ParamsDict(dict(params.items()))
+            p["candidate_version"] = bad
+    assert dag.schedule is None or str(dag.timetable.summary) == "None"
+
+
+def test_dag_shape_and_rollback_wiring() -> None:
+    dag = build_dag(load_spec(ROOT / "include/rollouts/feed_ranker.yaml"))
+    ids = set(dag.task_dict)
+    for n in (1, 2, 3):
+        assert {f"stage_{n}.shift_traffic", f"stage_{n}.guardrails", f"stage_{n}.analysis"} <= ids
+    assert dag.task_dict["stage_1.analysis"].downstream_task_ids == {"stage_2.shift_traffic", "rollback"}
+    assert dag.task_dict["decide"].downstream_task_ids == {"promote", "rollback"}
+    rollback = dag.task_dict["rollback"]
+    assert rollback.trigger_rule == TriggerRule.ALL_DONE
+    # Every stage task and the decision lead straight to the rollback.
+    stage_tasks = {t for t in ids if t.startswith("stage_")}
+    assert stage_tasks | {"decide", "validate_and_lock"} <= rollback.upstream_task_ids
+    assert dag.task_dict["rolled_back"].upstream_task_ids == {"rollback"}
+    assert dag.task_dict["finish"].trigger_rule == TriggerRule.ALL_DONE
+    guards = [t for t in dag.tasks if isinstance(t, GuardrailSensor)]
+    assert len(guards) == 3
+    assert all(not getattr(g, "soft_fail", False) for g in guards)
+    assert dag.max_active_runs == 1

@@ -1,0 +1,119 @@
+"""Spec validation: good specs load; a broken one names its file and field."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, base_spec
+from mlcanary.spec import SpecError, load_spec, load_specs, parse_spec
+
+EXAMPLES = sorted((ROOT / "include" / "rollouts").glob("*.yaml"))
+
+
+def test_every_example_spec_is_valid() -> None:
+    assert {p.stem for p in EXAMPLES} >= {"demo_ranker", "feed_ranker", "eta_regressor", "recommender"}
+    for path in EXAMPLES:
+        spec = load_spec(path)
+        assert spec.dag_id == f"rollout__{spec.name}"
+
+
+def test_examples_carry_the_field_cases() -> None:
+    feed = load_spec(ROOT / "include/rollouts/feed_ranker.yaml")
+    assert feed.guardrails.interval == timedelta(seconds=30)
+    assert feed.guardrails.p99_latency_ms_max == 200 and feed.guardrails.success_rate_min == 0.99
+    assert feed.analysis.window == timedelta(minutes=20) and feed.analysis.metrics[0].tolerance == 0.03
+    eta = load_spec(ROOT / "include/rollouts/eta_regressor.yaml")
+    assert {(c.column, c.value, c.tolerance) for c in eta.analysis.critical_segments} == {
+        ("trip_type", "airport", 0.05), ("time_of_day", "peak", 0.05)}
+    assert eta.analysis.metrics[0].higher_is_better is False
+    reco = load_spec(ROOT / "include/rollouts/recommender.yaml")
+    assert reco.guardrails.p99_latency_ms_max == 150
+    assert reco.analysis.window > feed.analysis.window
+
+
+def test_durations_accept_units_and_iso() -> None:
+    spec = parse_spec(base_spec(stages=[{"percent": 5, "bake": "1.5m"}, {"percent": 50, "bake": "PT2H"},
+                                        {"percent": 60, "bake": 90}]))
+    assert [s.bake for s in spec.stages] == [timedelta(seconds=90), timedelta(hours=2),
+                                             timedelta(seconds=90)]
+
+
+def test_defaults_follow_the_warehouse_contract() -> None:
+    spec = parse_spec(base_spec())
+    assert spec.warehouse.predictions.table == "predictions"
+    assert spec.warehouse.predictions.columns.version == "model_version"
+    assert spec.warehouse.resource_metrics.columns.cpu == "cpu_util"
+    assert spec.schedule is None
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ({"stages": [{"percent": 10, "bake": "1m"}, {"percent": 120, "bake": "1m"}]},
+         "stages.1.percent", "less than or equal to 100"),
+        ({"stages": [{"percent": 50, "bake": "1m"}, {"percent": 20, "bake": "1m"}]},
+         "stages", "must be above"),
+        ({"stages": [{"percent": 10, "bake": "soon"}]}, "stages.0.bake", "duration"),
+        ({"stages": []}, "stages", "at least 1"),
+        ({"guardrails": {"p99_latncy_ms_max": 200}}, "guardrails.p99_latncy_ms_max",
+         "Extra inputs are not permitted"),
+        ({"guardrails": {"success_rate_min": 1.5}}, "guardrails.success_rate_min", "less than 1"),
+        ({"guardrails": {"interval": "1m", "window": "30s"}}, "guardrails", "at least one interval"),
+        ({"analysis": {"metrics": []}}, "analysis.metrics", "at least 1"),
+        ({"analysis": {"metrics": [{"name": "ctr", "tolerance": 0.05}],
+                       "critical_segments": [{"column": "city", "value": "x", "tolerance": 0.05}]}},
+         "analysis", "not listed in segments"),
+        ({"analysis": {"metrics": [{"name": "ctr", "kind": "rate", "value": "abs_error",
+                                    "tolerance": 0.05}]}}, "analysis.metrics.0", "must be 'label'"),
+        ({"warehouse": {"predictions": {"table": "predictions; DROP TABLE rollouts"}}},
+         "warehouse.predictions.table", "should match pattern"),
+        ({"warehouse": {"predictions": {"columns": {"score": "score\" OR 1=1"}}}},
+         "warehouse.predictions.columns.score", "should match pattern"),
+        ({"analysis": {"segments": ["user cohort"], "metrics": [{"name": "ctr", "tolerance": 0.05}]}},
+         "analysis.segments.0", "should match pattern"),
+        ({"policies": {"inconclusive": "promote"}}, "policies.inconclusive", "'rollback' or 'extend'"),
+        ({"name": "Feed-Ranker"}, "name", "should match pattern"),
+    ],
+)
+def test_broken_spec_names_file_and_field(tmp_path: Path, change: dict, field: str, message: str) -> None:
+    data = base_spec()
+    for key, value in change.items():
+        data[key] = value if not isinstance(value, dict) or key not in data else {**data[key], **value}
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: "), text
+    assert any(p.startswith(f"{field}: ") and message in p for p in err.value.problems), text
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodel: m\nstages: [\n  {percent: 10, bake: 1m\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: line \d+, column \d+"):
+        load_spec(path)
+
+
+def test_non_mapping_and_missing_fields(tmp_path: Path) -> None:
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(tmp_path / "list.yaml")
+    (tmp_path / "empty.yaml").write_text("name: only_a_name\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(tmp_path / "empty.yaml")
+    assert {p.split(":")[0] for p in err.value.problems} == {"model", "stages", "analysis"}
+
+
+def test_load_specs_keeps_good_specs_and_reports_bad_and_duplicate(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(base_spec(name="a_model")))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(base_spec(name="b_model", stages="nope")))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(base_spec(name="a_model")))
+    specs, errors = load_specs(tmp_path)
+    assert [s.name for _, s in specs] == ["a_model"]
+    assert sorted(Path(e.source).name for e in errors) == ["b.yaml", "c.yaml"]
+    assert any("already used by" in str(e) for e in errors)
