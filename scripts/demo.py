@@ -53,10 +53,10 @@ def follow(engine: sa.Engine, proc: subprocess.Popen, candidate: str) -> None:
     while True:
         done = proc.poll() is not None
         with engine.connect() as conn:
-            rows = conn.execute(sa.select(measurements).where(measurements.c.id > seen_m)
-                                .order_by(measurements.c.id)).all()
-            decided = conn.execute(sa.select(decisions).where(decisions.c.id > seen_d)
-                                   .order_by(decisions.c.id)).all()
+            rows = conn.execute(
+                sa.select(measurements).where(measurements.c.id > seen_m).order_by(measurements.c.id)
+            ).all()
+            decided = conn.execute(sa.select(decisions).where(decisions.c.id > seen_d).order_by(decisions.c.id)).all()
         events: list[tuple] = []
         polls: dict[tuple, list] = {}
         for r in rows:
@@ -68,8 +68,11 @@ def follow(engine: sa.Engine, proc: subprocess.Popen, candidate: str) -> None:
                 worst = next((c.verdict for c in checks if c.verdict != "PASS"), "PASS")
                 events.append((at, f"  {candidate} stage {stage} guardrails {worst:12} {', '.join(parts)}"))
             else:  # the overall result and any failing segment
-                events += [(at, f"  {candidate} stage {stage} analysis   {c.verdict:12} {c.reason}")
-                           for c in checks if c.segment == "*" or c.verdict == "FAIL"]
+                events += [
+                    (at, f"  {candidate} stage {stage} analysis   {c.verdict:12} {c.reason}")
+                    for c in checks
+                    if c.segment == "*" or c.verdict == "FAIL"
+                ]
         for d in decided:
             seen_d = d.id
             stage = f" (stage {d.stage})" if d.stage else ""
@@ -98,35 +101,55 @@ def main() -> int:
     logs.mkdir(parents=True, exist_ok=True)
     say(f"warehouse {WAREHOUSE}; Airflow home {HOME}")
     say("initialising the Airflow metadata database (airflow db migrate)")
-    subprocess.run([bin_("airflow"), "db", "migrate"], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run([bin_("airflow"), "db", "migrate"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sim_log = open(logs / "simulator.log", "w")  # noqa: SIM115 - lives as long as the simulator
     sim = subprocess.Popen(
-        [bin_("mlcanary"), "simulate", "live", "--warehouse", WAREHOUSE, "--model", "demo-ranker",
-         "--rate", "300", "--label-delay", "2s", "--baseline-version", "v1", "--seed", "7",
-         *[arg for f in FAULTS for arg in ("--fault", f)]],
-        stdout=sim_log, stderr=subprocess.STDOUT,
+        [
+            bin_("mlcanary"),
+            "simulate",
+            "live",
+            "--warehouse",
+            WAREHOUSE,
+            "--model",
+            "demo-ranker",
+            "--rate",
+            "300",
+            "--label-delay",
+            "2s",
+            "--baseline-version",
+            "v1",
+            "--seed",
+            "7",
+            *[arg for f in FAULTS for arg in ("--fault", f)],
+        ],
+        stdout=sim_log,
+        stderr=subprocess.STDOUT,
     )
     say(f"simulator started: 300 requests/s following the routing table; faults {FAULTS}")
     time.sleep(4)
     outcomes = []
     try:
         for candidate, story, expected, by in SCENARIOS:
-            say(f"rollout of {candidate} ({story}): expected {expected}"
-                + (f" by the {by}" if by else ""))
+            say(f"rollout of {candidate} ({story}): expected {expected}" + (f" by the {by}" if by else ""))
             with open(logs / f"rollout-{candidate}.log", "w") as out:
                 proc = subprocess.Popen(
-                    [bin_("airflow"), "dags", "test", DAG_ID, "-c",
-                     json.dumps({"candidate_version": candidate})],
-                    stdout=out, stderr=subprocess.STDOUT,
+                    [bin_("airflow"), "dags", "test", DAG_ID, "-c", json.dumps({"candidate_version": candidate})],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
                 )
                 follow(engine, proc, candidate)
             with engine.connect() as conn:
-                row = conn.execute(sa.select(rollouts).where(rollouts.c.canary_version == candidate)
-                                   .order_by(rollouts.c.started_at.desc()).limit(1)).one_or_none()
+                row = conn.execute(
+                    sa.select(rollouts)
+                    .where(rollouts.c.canary_version == candidate)
+                    .order_by(rollouts.c.started_at.desc())
+                    .limit(1)
+                ).one_or_none()
             outcomes.append((candidate, expected, by, row, proc.returncode))
-            say(f"DAG run of {candidate} ended {'success' if proc.returncode == 0 else 'failed'}; "
-                f"log: {logs / f'rollout-{candidate}.log'}")
+            say(
+                f"DAG run of {candidate} ended {'success' if proc.returncode == 0 else 'failed'}; "
+                f"log: {logs / f'rollout-{candidate}.log'}"
+            )
     finally:
         sim.terminate()
         sim.wait(timeout=30)
@@ -135,16 +158,22 @@ def main() -> int:
     for candidate, expected, by, row, rc in outcomes:
         status = row.status if row else "no rollout"
         reason = (row.reason or "") if row else ""
-        as_expected = status == expected and (by is None or reason.startswith(by)) and \
-            (rc == 0) == (expected == "promoted")
+        as_expected = (
+            status == expected and (by is None or reason.startswith(by)) and (rc == 0) == (expected == "promoted")
+        )
         ok &= as_expected
-        table.append([row.rollout_id.split("/", 1)[1] if row else "-", candidate,
-                      f"{row.stage_reached if row else 0}/2", status,
-                      (reason[:110] + "…") if len(reason) > 110 else reason,
-                      "yes" if as_expected else "NO"])
+        table.append(
+            [
+                row.rollout_id.split("/", 1)[1] if row else "-",
+                candidate,
+                f"{row.stage_reached if row else 0}/2",
+                status,
+                (reason[:110] + "…") if len(reason) > 110 else reason,
+                "yes" if as_expected else "NO",
+            ]
+        )
     print(format_table(table, ["rollout", "candidate", "stages", "decision", "reason", "as expected"]))
-    print(f"\nFull report: .venv/bin/mlcanary report --warehouse {WAREHOUSE} --rollout "
-          f"'{DAG_ID}/<rollout>'")
+    print(f"\nFull report: .venv/bin/mlcanary report --warehouse {WAREHOUSE} --rollout '{DAG_ID}/<rollout>'")
     say("demo finished" + ("" if ok else ": an outcome was NOT as expected"))
     return 0 if ok else 1
 

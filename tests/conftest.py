@@ -41,13 +41,25 @@ def base_spec(**overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": "unit_ranker",
         "model": "unit-ranker",
-        "stages": [{"percent": 10, "bake": "4s"}, {"percent": 30, "bake": "4s"},
-                   {"percent": 60, "bake": "4s"}],
-        "guardrails": {"interval": "1s", "window": "4s", "min_requests": 20,
-                       "success_rate_min": 0.99, "p99_latency_ms_max": 250,
-                       "cpu_max": 0.9, "memory_max": 0.95, "deadline_margin": "20s"},
-        "analysis": {"interval": "2s", "window": "10m", "label_delay": "1s", "min_samples": 300,
-                     "segments": ["user_cohort"], "metrics": [{"name": "ctr", "tolerance": 0.1}]},
+        "stages": [{"percent": 10, "bake": "4s"}, {"percent": 30, "bake": "4s"}, {"percent": 60, "bake": "4s"}],
+        "guardrails": {
+            "interval": "1s",
+            "window": "4s",
+            "min_requests": 20,
+            "success_rate_min": 0.98,
+            "p99_latency_ms_max": 250,
+            "cpu_max": 0.9,
+            "memory_max": 0.95,
+            "deadline_margin": "20s",
+        },
+        "analysis": {
+            "interval": "2s",
+            "window": "10m",
+            "label_delay": "1s",
+            "min_samples": 300,
+            "segments": ["user_cohort"],
+            "metrics": [{"name": "ctr", "tolerance": 0.1}],
+        },
         "policies": {"inconclusive": "extend", "max_extension": "20s"},
     }
     spec.update(overrides)
@@ -73,8 +85,7 @@ def engine(sqlite_url: str) -> sa.Engine:
 
 def _pg_available() -> str | None:
     try:
-        eng = sa.create_engine(PG_URL.replace("postgresql+psycopg", "postgresql+psycopg"),
-                               connect_args={"connect_timeout": 3})
+        eng = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
         with eng.connect() as conn:
             conn.execute(sa.text("select 1"))
         eng.dispose()
@@ -121,15 +132,35 @@ Writer = Callable[..., datetime]
 def write_batch() -> Writer:
     """Write ``minutes`` of simulated traffic ending now (labels observed by now); returns now."""
 
-    def write(eng: sa.Engine, *, model: str = "unit-ranker", minutes: float = 10, rate: float = 50,
-              canary_percent: float = 20, faults: tuple[str, ...] = (), seed: int = 1,
-              base_ctr: float = 0.2, end: datetime | None = None) -> datetime:
+    def write(
+        eng: sa.Engine,
+        *,
+        model: str = "unit-ranker",
+        minutes: float = 10,
+        rate: float = 50,
+        canary_percent: float = 20,
+        faults: tuple[str, ...] = (),
+        seed: int = 1,
+        base_ctr: float = 0.2,
+        end: datetime | None = None,
+    ) -> datetime:
         end = end or utcnow()
-        config = SimConfig(model=model, seed=seed, base_ctr=base_ctr,
-                           faults=[Fault.parse(f) for f in faults],
-                           label_delay=timedelta(seconds=1))
-        simulate_batch(eng, config, end - timedelta(minutes=minutes), end, rate,
-                       Split(model, "v1", "v2", canary_percent), labels_asof=end)
+        config = SimConfig(
+            model=model,
+            seed=seed,
+            base_ctr=base_ctr,
+            faults=[Fault.parse(f) for f in faults],
+            label_delay=timedelta(seconds=1),
+        )
+        simulate_batch(
+            eng,
+            config,
+            end - timedelta(minutes=minutes),
+            end,
+            rate,
+            Split(model, "v1", "v2", canary_percent),
+            labels_asof=end,
+        )
         return end
 
     return write

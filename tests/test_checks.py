@@ -37,11 +37,16 @@ def test_guardrails_pass_on_healthy_canary(engine: sa.Engine, spec: RolloutSpec,
 
 @pytest.mark.parametrize(
     ("fault", "failing"),
-    [("v2:latency_ms=300", "p99_latency_ms"), ("v2:error_rate=0.05", "success_rate"),
-     ("v2:cpu=0.97", "cpu"), ("v2:memory=0.99", "memory")],
+    [
+        ("v2:latency_ms=300", "p99_latency_ms"),
+        ("v2:error_rate=0.05", "success_rate"),
+        ("v2:cpu=0.97", "cpu"),
+        ("v2:memory=0.99", "memory"),
+    ],
 )
-def test_guardrails_fail_on_each_fault(engine: sa.Engine, spec: RolloutSpec, write_batch: Writer,
-                                       fault: str, failing: str) -> None:
+def test_guardrails_fail_on_each_fault(
+    engine: sa.Engine, spec: RolloutSpec, write_batch: Writer, fault: str, failing: str
+) -> None:
     now = write_batch(engine, minutes=2, rate=200, faults=(fault,))
     result = _guard(engine, spec, now)
     assert result.verdict is Verdict.FAIL
@@ -49,8 +54,7 @@ def test_guardrails_fail_on_each_fault(engine: sa.Engine, spec: RolloutSpec, wri
     assert result.reason.startswith(failing)
 
 
-def test_guardrails_never_pass_without_evidence(engine: sa.Engine, spec: RolloutSpec,
-                                                write_batch: Writer) -> None:
+def test_guardrails_never_pass_without_evidence(engine: sa.Engine, spec: RolloutSpec, write_batch: Writer) -> None:
     empty = _guard(engine, spec)
     assert empty.verdict is Verdict.INCONCLUSIVE and "no data" in empty.reason
     now = write_batch(engine, minutes=2, rate=20, canary_percent=2)  # ~1.6 canary requests per window
@@ -80,8 +84,9 @@ def test_ctr_drop_fails_with_readable_reason(engine: sa.Engine, spec: RolloutSpe
     json.dumps(result.to_dict())
 
 
-def test_healthy_canary_passes_when_evidence_is_enough(engine: sa.Engine, spec: RolloutSpec,
-                                                       write_batch: Writer) -> None:
+def test_healthy_canary_passes_when_evidence_is_enough(
+    engine: sa.Engine, spec: RolloutSpec, write_batch: Writer
+) -> None:
     now = write_batch(engine, minutes=20, rate=50, canary_percent=40)
     result = _analyze(engine, spec, now)
     overall = next(c for c in result.checks if c.segment == "*")
@@ -89,8 +94,7 @@ def test_healthy_canary_passes_when_evidence_is_enough(engine: sa.Engine, spec: 
     assert result.verdict is Verdict.PASS
 
 
-def test_small_samples_are_inconclusive_never_pass(engine: sa.Engine, spec: RolloutSpec,
-                                                   write_batch: Writer) -> None:
+def test_small_samples_are_inconclusive_never_pass(engine: sa.Engine, spec: RolloutSpec, write_batch: Writer) -> None:
     now = write_batch(engine, minutes=1, rate=10)
     result = _analyze(engine, spec, now)
     assert result.verdict is Verdict.INCONCLUSIVE
@@ -117,8 +121,9 @@ def test_gate_is_on_the_interval_not_the_point_estimate(engine: sa.Engine, write
 
 def test_one_segment_regression_fails_even_if_overall_passes(engine: sa.Engine, write_batch: Writer) -> None:
     spec = parse_spec(base_spec(analysis={**base_spec()["analysis"], "min_samples": 500}))
-    now = write_batch(engine, minutes=30, rate=50, canary_percent=40,
-                      faults=("v2:ctr_drop=0.4;segment=user_cohort:new",))
+    now = write_batch(
+        engine, minutes=30, rate=50, canary_percent=40, faults=("v2:ctr_drop=0.4;segment=user_cohort:new",)
+    )
     result = _analyze(engine, spec, now)
     verdicts = {c.segment: c.verdict for c in result.checks}
     assert verdicts["user_cohort=new"] is Verdict.FAIL
@@ -129,13 +134,29 @@ def test_one_segment_regression_fails_even_if_overall_passes(engine: sa.Engine, 
 
 def test_prediction_error_critical_segment(engine: sa.Engine, write_batch: Writer) -> None:
     """Mean absolute error, lower is better, with a critical segment tighter than the overall tolerance."""
-    spec = parse_spec(base_spec(analysis={
-        "label_delay": "1s", "window": "1h", "min_samples": 500, "segments": ["device"],
-        "critical_segments": [{"column": "device", "value": "web", "tolerance": 0.05}],
-        "metrics": [{"name": "abs_error", "kind": "mean", "value": "abs_error",
-                     "higher_is_better": False, "tolerance": 0.5}]}))
-    now = write_batch(engine, minutes=30, rate=50, canary_percent=40,
-                      faults=("v2:miscalibration=1.2;segment=device:web",))
+    spec = parse_spec(
+        base_spec(
+            analysis={
+                "label_delay": "1s",
+                "window": "1h",
+                "min_samples": 500,
+                "segments": ["device"],
+                "critical_segments": [{"column": "device", "value": "web", "tolerance": 0.05}],
+                "metrics": [
+                    {
+                        "name": "abs_error",
+                        "kind": "mean",
+                        "value": "abs_error",
+                        "higher_is_better": False,
+                        "tolerance": 0.5,
+                    }
+                ],
+            }
+        )
+    )
+    now = write_batch(
+        engine, minutes=30, rate=50, canary_percent=40, faults=("v2:miscalibration=1.2;segment=device:web",)
+    )
     result = _analyze(engine, spec, now)
     web = next(c for c in result.checks if c.segment == "device=web")
     assert web.verdict is Verdict.FAIL and web.threshold == pytest.approx(1.05)

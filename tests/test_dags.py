@@ -87,8 +87,9 @@ def test_dag_shape_and_rollback_wiring() -> None:
     # Every stage task and the decision lead straight to the rollback.
     stage_tasks = {t for t in ids if t.startswith("stage_")}
     assert stage_tasks | {"decide", "validate_and_lock"} <= rollback.upstream_task_ids
-    assert dag.task_dict["rolled_back"].upstream_task_ids == {"rollback"}
-    assert dag.task_dict["finish"].trigger_rule == TriggerRule.ALL_DONE
+    report = dag.task_dict["report"]
+    assert report.upstream_task_ids == {"promote", "rollback"} and not report.downstream_task_ids
+    assert report.trigger_rule == TriggerRule.ALL_DONE
     guards = [t for t in dag.tasks if isinstance(t, GuardrailSensor)]
     assert len(guards) == 3
     assert all(not getattr(g, "soft_fail", False) for g in guards)

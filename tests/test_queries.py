@@ -13,9 +13,17 @@ from mlcanary.warehouse.queries import OVERALL, labelled_sums, latency_quantile,
 from mlcanary.warehouse.schema import predictions
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)
-COLUMNS = {"request_id": "request_id", "ts": "ts", "model": "model", "version": "model_version",
-           "score": "score", "label": "label", "label_ts": "label_ts", "latency_ms": "latency_ms",
-           "success": "success"}
+COLUMNS = {
+    "request_id": "request_id",
+    "ts": "ts",
+    "model": "model",
+    "version": "model_version",
+    "score": "score",
+    "label": "label",
+    "label_ts": "label_ts",
+    "latency_ms": "latency_ms",
+    "success": "success",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -28,16 +36,20 @@ def _frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
     ts = [T0 + timedelta(seconds=float(s)) for s in rng.uniform(0, 600, n)]
     label = rng.integers(0, 2, n).astype(float)
     labelled = rng.uniform(size=n) < 0.8
-    return pd.DataFrame({
-        "request_id": [f"r{i}" for i in range(n)], "ts": ts, "model": "m",
-        "model_version": rng.choice(["v1", "v2"], n),
-        "user_cohort": rng.choice(["new", "returning", None], n),
-        "score": rng.uniform(size=n),
-        "label": np.where(labelled, label, np.nan),
-        "label_ts": [t + timedelta(seconds=30) if ok else None for t, ok in zip(ts, labelled, strict=True)],
-        "latency_ms": np.round(rng.lognormal(4, 0.5, n), 3),
-        "success": (rng.uniform(size=n) > 0.05).astype(int),
-    })
+    return pd.DataFrame(
+        {
+            "request_id": [f"r{i}" for i in range(n)],
+            "ts": ts,
+            "model": "m",
+            "model_version": rng.choice(["v1", "v2"], n),
+            "user_cohort": rng.choice(["new", "returning", None], n),
+            "score": rng.uniform(size=n),
+            "label": np.where(labelled, label, np.nan),
+            "label_ts": [t + timedelta(seconds=30) if ok else None for t, ok in zip(ts, labelled, strict=True)],
+            "latency_ms": np.round(rng.lognormal(4, 0.5, n), 3),
+            "success": (rng.uniform(size=n) > 0.05).astype(int),
+        }
+    )
 
 
 def _load(eng: sa.Engine, df: pd.DataFrame) -> None:
@@ -89,14 +101,30 @@ def test_labelled_sums_match_a_pandas_groupby(any_engine: sa.Engine) -> None:
 def test_spec_identifiers_are_quoted_not_spliced(engine: sa.Engine) -> None:
     """A table and columns named with reserved words work, because SQLAlchemy quotes them."""
     with engine.begin() as conn:
-        conn.execute(sa.text(
-            'CREATE TABLE "order" ("select" TEXT, "from" TIMESTAMP, "group" TEXT, "where" TEXT, '
-            '"Latency" FLOAT, "ok" INTEGER)'))
-        conn.execute(sa.text(
-            "INSERT INTO \"order\" VALUES ('m', '2026-11-01 12:00:01', 'v1', 'r1', 10.0, 1),"
-            " ('m', '2026-11-01 12:00:02', 'v1', 'r2', 20.0, 0)"))
-    t = mapped_table("order", None, {"model": "select", "ts": "from", "version": "group",
-                                     "request_id": "where", "latency_ms": "Latency", "success": "ok"})
+        conn.execute(
+            sa.text(
+                'CREATE TABLE "order" ("select" TEXT, "from" TIMESTAMP, "group" TEXT, "where" TEXT, '
+                '"Latency" FLOAT, "ok" INTEGER)'
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO \"order\" VALUES ('m', '2026-11-01 12:00:01', 'v1', 'r1', 10.0, 1),"
+                " ('m', '2026-11-01 12:00:02', 'v1', 'r2', 20.0, 0)"
+            )
+        )
+    t = mapped_table(
+        "order",
+        None,
+        {
+            "model": "select",
+            "ts": "from",
+            "version": "group",
+            "request_id": "where",
+            "latency_ms": "Latency",
+            "success": "ok",
+        },
+    )
     stmt = sa.select(sa.func.count()).select_from(t.table).where(t.col("version") == "v1")
     sql = str(stmt.compile(engine))
     assert '"order"' in sql and '"group"' in sql

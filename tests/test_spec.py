@@ -28,7 +28,9 @@ def test_examples_carry_the_field_cases() -> None:
     assert feed.analysis.window == timedelta(minutes=20) and feed.analysis.metrics[0].tolerance == 0.03
     eta = load_spec(ROOT / "include/rollouts/eta_regressor.yaml")
     assert {(c.column, c.value, c.tolerance) for c in eta.analysis.critical_segments} == {
-        ("trip_type", "airport", 0.05), ("time_of_day", "peak", 0.05)}
+        ("trip_type", "airport", 0.05),
+        ("time_of_day", "peak", 0.05),
+    }
     assert eta.analysis.metrics[0].higher_is_better is False
     reco = load_spec(ROOT / "include/rollouts/recommender.yaml")
     assert reco.guardrails.p99_latency_ms_max == 150
@@ -36,10 +38,10 @@ def test_examples_carry_the_field_cases() -> None:
 
 
 def test_durations_accept_units_and_iso() -> None:
-    spec = parse_spec(base_spec(stages=[{"percent": 5, "bake": "1.5m"}, {"percent": 50, "bake": "PT2H"},
-                                        {"percent": 60, "bake": 90}]))
-    assert [s.bake for s in spec.stages] == [timedelta(seconds=90), timedelta(hours=2),
-                                             timedelta(seconds=90)]
+    spec = parse_spec(
+        base_spec(stages=[{"percent": 5, "bake": "1.5m"}, {"percent": 50, "bake": "PT2H"}, {"percent": 60, "bake": 90}])
+    )
+    assert [s.bake for s in spec.stages] == [timedelta(seconds=90), timedelta(hours=2), timedelta(seconds=90)]
 
 
 def test_defaults_follow_the_warehouse_contract() -> None:
@@ -53,28 +55,48 @@ def test_defaults_follow_the_warehouse_contract() -> None:
 @pytest.mark.parametrize(
     ("change", "field", "message"),
     [
-        ({"stages": [{"percent": 10, "bake": "1m"}, {"percent": 120, "bake": "1m"}]},
-         "stages.1.percent", "less than or equal to 100"),
-        ({"stages": [{"percent": 50, "bake": "1m"}, {"percent": 20, "bake": "1m"}]},
-         "stages", "must be above"),
+        (
+            {"stages": [{"percent": 10, "bake": "1m"}, {"percent": 120, "bake": "1m"}]},
+            "stages.1.percent",
+            "less than or equal to 100",
+        ),
+        ({"stages": [{"percent": 50, "bake": "1m"}, {"percent": 20, "bake": "1m"}]}, "stages", "must be above"),
         ({"stages": [{"percent": 10, "bake": "soon"}]}, "stages.0.bake", "duration"),
         ({"stages": []}, "stages", "at least 1"),
-        ({"guardrails": {"p99_latncy_ms_max": 200}}, "guardrails.p99_latncy_ms_max",
-         "Extra inputs are not permitted"),
+        ({"guardrails": {"p99_latncy_ms_max": 200}}, "guardrails.p99_latncy_ms_max", "Extra inputs are not permitted"),
         ({"guardrails": {"success_rate_min": 1.5}}, "guardrails.success_rate_min", "less than 1"),
         ({"guardrails": {"interval": "1m", "window": "30s"}}, "guardrails", "at least one interval"),
         ({"analysis": {"metrics": []}}, "analysis.metrics", "at least 1"),
-        ({"analysis": {"metrics": [{"name": "ctr", "tolerance": 0.05}],
-                       "critical_segments": [{"column": "city", "value": "x", "tolerance": 0.05}]}},
-         "analysis", "not listed in segments"),
-        ({"analysis": {"metrics": [{"name": "ctr", "kind": "rate", "value": "abs_error",
-                                    "tolerance": 0.05}]}}, "analysis.metrics.0", "must be 'label'"),
-        ({"warehouse": {"predictions": {"table": "predictions; DROP TABLE rollouts"}}},
-         "warehouse.predictions.table", "should match pattern"),
-        ({"warehouse": {"predictions": {"columns": {"score": "score\" OR 1=1"}}}},
-         "warehouse.predictions.columns.score", "should match pattern"),
-        ({"analysis": {"segments": ["user cohort"], "metrics": [{"name": "ctr", "tolerance": 0.05}]}},
-         "analysis.segments.0", "should match pattern"),
+        (
+            {
+                "analysis": {
+                    "metrics": [{"name": "ctr", "tolerance": 0.05}],
+                    "critical_segments": [{"column": "city", "value": "x", "tolerance": 0.05}],
+                }
+            },
+            "analysis",
+            "not listed in segments",
+        ),
+        (
+            {"analysis": {"metrics": [{"name": "ctr", "kind": "rate", "value": "abs_error", "tolerance": 0.05}]}},
+            "analysis.metrics.0",
+            "must be 'label'",
+        ),
+        (
+            {"warehouse": {"predictions": {"table": "predictions; DROP TABLE rollouts"}}},
+            "warehouse.predictions.table",
+            "should match pattern",
+        ),
+        (
+            {"warehouse": {"predictions": {"columns": {"score": 'score" OR 1=1'}}}},
+            "warehouse.predictions.columns.score",
+            "should match pattern",
+        ),
+        (
+            {"analysis": {"segments": ["user cohort"], "metrics": [{"name": "ctr", "tolerance": 0.05}]}},
+            "analysis.segments.0",
+            "should match pattern",
+        ),
         ({"policies": {"inconclusive": "promote"}}, "policies.inconclusive", "'rollback' or 'extend'"),
         ({"name": "Feed-Ranker"}, "name", "should match pattern"),
     ],

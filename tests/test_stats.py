@@ -13,13 +13,15 @@ from mlcanary.stats.rates import mean_ratio, rate_ratio
 
 @pytest.mark.parametrize(
     ("x_c", "n_c", "x_b", "n_b", "alpha"),
-    [(1880, 100_000, 40_000, 2_000_000, 0.05), (30, 400, 90, 1000, 0.05), (5, 50, 500, 1000, 0.025),
-     (900, 1000, 870, 1000, 0.1)],
+    [
+        (1880, 100_000, 40_000, 2_000_000, 0.05),
+        (30, 400, 90, 1000, 0.05),
+        (5, 50, 500, 1000, 0.025),
+        (900, 1000, 870, 1000, 0.1),
+    ],
 )
-def test_rate_ratio_matches_statsmodels_log_interval(x_c: int, n_c: int, x_b: int, n_b: int,
-                                                     alpha: float) -> None:
-    low, high = confint_proportions_2indep(x_c, n_c, x_b, n_b, compare="ratio", method="log",
-                                           alpha=2 * alpha)
+def test_rate_ratio_matches_statsmodels_log_interval(x_c: int, n_c: int, x_b: int, n_b: int, alpha: float) -> None:
+    low, high = confint_proportions_2indep(x_c, n_c, x_b, n_b, compare="ratio", method="log", alpha=2 * alpha)
     r = rate_ratio(x_c, n_c, x_b, n_b, alpha)
     assert r.ci_low == pytest.approx(low, rel=1e-9)
     assert r.ci_high == pytest.approx(high, rel=1e-9)

@@ -19,10 +19,9 @@ from sqlalchemy.sql.elements import ColumnElement
 from mlcanary.spec import MetricSpec, RolloutSpec
 from mlcanary.stats.rates import RateRatio, mean_ratio, rate_ratio
 from mlcanary.tables import predictions_table
-from mlcanary.warehouse.queries import MappedTable
 from mlcanary.verdict import CheckResult, Verdict, combine, first_reason
 from mlcanary.warehouse import queries
-from mlcanary.warehouse.queries import OVERALL, SegmentSums
+from mlcanary.warehouse.queries import OVERALL, MappedTable, SegmentSums
 
 
 @dataclass(frozen=True)
@@ -74,13 +73,18 @@ def analyze(
     a = spec.analysis
     table = predictions_table(spec, extra=a.segments)
     sums = queries.labelled_sums(
-        conn, table, spec.model, [baseline_version, canary_version],
-        window.start, window.end, window.label_asof, a.segments,
+        conn,
+        table,
+        spec.model,
+        [baseline_version, canary_version],
+        window.start,
+        window.end,
+        window.label_asof,
+        a.segments,
         {m.value: _value_expression(table, m.value) for m in a.metrics},
     )
     by_key: dict[tuple[str, str, str], SegmentSums] = {(s.version, s.column, s.value): s for s in sums}
-    groups = sorted({(s.column, s.value) for s in sums} | {(OVERALL, OVERALL)},
-                    key=lambda g: (g[0] != OVERALL, g))
+    groups = sorted({(s.column, s.value) for s in sums} | {(OVERALL, OVERALL)}, key=lambda g: (g[0] != OVERALL, g))
     critical = {(c.column, c.value): c.tolerance for c in a.critical_segments}
     for key in critical:  # a critical segment with no data at all is still reported
         if key not in groups:
@@ -90,16 +94,23 @@ def analyze(
         for column, value in groups:
             overall = column == OVERALL
             tolerance = critical.get((column, value), metric.tolerance)
-            checks.append(_ratio_check(
-                metric, column, value, tolerance, a.alpha, a.min_samples, window,
-                by_key.get((baseline_version, column, value)),
-                by_key.get((canary_version, column, value)),
-                required=metric.critical and (overall or (column, value) in critical),
-                gating=metric.critical,
-            ))
+            checks.append(
+                _ratio_check(
+                    metric,
+                    column,
+                    value,
+                    tolerance,
+                    a.alpha,
+                    a.min_samples,
+                    window,
+                    by_key.get((baseline_version, column, value)),
+                    by_key.get((canary_version, column, value)),
+                    required=metric.critical and (overall or (column, value) in critical),
+                    gating=metric.critical,
+                )
+            )
     verdict = combine(checks)
-    return AnalysisResult(verdict, first_reason(checks, verdict), baseline_version, canary_version,
-                          window, checks)
+    return AnalysisResult(verdict, first_reason(checks, verdict), baseline_version, canary_version, window, checks)
 
 
 def _value_expression(t: MappedTable, value: str) -> ColumnElement:
@@ -140,22 +151,37 @@ def _ratio_check(
     x_b = base.sums[metric.value][0] if base else 0.0
     x_c = canary.sums[metric.value][0] if canary else 0.0
     bound = 1 - tolerance if metric.higher_is_better else 1 + tolerance
-    common = dict(tier="analysis", check=metric.name, segment=segment, window_start=window.start,
-                  window_end=window.end, canary_n=n_c, baseline_n=n_b, threshold=bound,
-                  gating=gating, required=required)
+    common = dict(
+        tier="analysis",
+        check=metric.name,
+        segment=segment,
+        window_start=window.start,
+        window_end=window.end,
+        canary_n=n_c,
+        baseline_n=n_b,
+        threshold=bound,
+        gating=gating,
+        required=required,
+    )
     if min(n_b, n_c) < min_samples:
-        return CheckResult(verdict=Verdict.INCONCLUSIVE, **common,
-                           canary_value=x_c / n_c if n_c else None,
-                           baseline_value=x_b / n_b if n_b else None,
-                           reason=f"{metric.name}{where}: too few labelled samples "
-                                  f"(canary {n_c:,}, baseline {n_b:,}; minimum {min_samples:,})")
+        return CheckResult(
+            verdict=Verdict.INCONCLUSIVE,
+            **common,
+            canary_value=x_c / n_c if n_c else None,
+            baseline_value=x_b / n_b if n_b else None,
+            reason=f"{metric.name}{where}: too few labelled samples "
+            f"(canary {n_c:,}, baseline {n_b:,}; minimum {min_samples:,})",
+        )
     assert base is not None and canary is not None
     r = _compare(metric, base, canary, alpha)
     if not all(math.isfinite(v) for v in (r.ratio, r.ci_low, r.ci_high)):
-        return CheckResult(verdict=Verdict.INCONCLUSIVE, **common, canary_value=_finite(r.canary_rate),
-                           baseline_value=_finite(r.baseline_rate),
-                           reason=f"{metric.name}{where}: no ratio to test (a mean is zero, "
-                                  "negative or not a number)")
+        return CheckResult(
+            verdict=Verdict.INCONCLUSIVE,
+            **common,
+            canary_value=_finite(r.canary_rate),
+            baseline_value=_finite(r.baseline_rate),
+            reason=f"{metric.name}{where}: no ratio to test (a mean is zero, negative or not a number)",
+        )
     good = r.ci_low > bound if metric.higher_is_better else r.ci_high < bound
     bad = r.ci_high < bound if metric.higher_is_better else r.ci_low > bound
     verdict = Verdict.PASS if good else Verdict.FAIL if bad else Verdict.INCONCLUSIVE
@@ -165,11 +191,21 @@ def _ratio_check(
         f"{metric.name}{where} {moved} {r.baseline_rate:.4g} → {r.canary_rate:.4g} "
         f"({_rel(r.ratio)}, {level:g} % CI {_rel(r.ci_low)} … {_rel(r.ci_high)}), "
         f"tolerance {100 * tolerance:g} %, n={n_c:,} canary / {n_b:,} baseline: "
-        + {Verdict.PASS: "within tolerance", Verdict.FAIL: "worse than tolerance",
-           Verdict.INCONCLUSIVE: "not yet conclusive"}[verdict]
+        + {
+            Verdict.PASS: "within tolerance",
+            Verdict.FAIL: "worse than tolerance",
+            Verdict.INCONCLUSIVE: "not yet conclusive",
+        }[verdict]
     )
-    return CheckResult(verdict=verdict, reason=reason, canary_value=r.canary_rate,
-                       baseline_value=r.baseline_rate, ci_low=r.ci_low, ci_high=r.ci_high, **common)
+    return CheckResult(
+        verdict=verdict,
+        reason=reason,
+        canary_value=r.canary_rate,
+        baseline_value=r.baseline_rate,
+        ci_low=r.ci_low,
+        ci_high=r.ci_high,
+        **common,
+    )
 
 
 def _finite(x: float) -> float | None:

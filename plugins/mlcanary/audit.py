@@ -26,12 +26,26 @@ def record_checks(
     now = utcnow()
     rows = [
         dict(
-            rollout_id=rollout_id, model=model, tier=c.tier, stage=stage, check_name=c.check,
-            segment=c.segment, baseline_version=baseline_version, canary_version=canary_version,
-            window_start=c.window_start, window_end=c.window_end, baseline_value=c.baseline_value,
-            canary_value=c.canary_value, baseline_n=c.baseline_n, canary_n=c.canary_n,
-            threshold=c.threshold, ci_low=c.ci_low, ci_high=c.ci_high, verdict=c.verdict.value,
-            reason=c.reason, measured_at=now,
+            rollout_id=rollout_id,
+            model=model,
+            tier=c.tier,
+            stage=stage,
+            check_name=c.check,
+            segment=c.segment,
+            baseline_version=baseline_version,
+            canary_version=canary_version,
+            window_start=c.window_start,
+            window_end=c.window_end,
+            baseline_value=c.baseline_value,
+            canary_value=c.canary_value,
+            baseline_n=c.baseline_n,
+            canary_n=c.canary_n,
+            threshold=c.threshold,
+            ci_low=c.ci_low,
+            ci_high=c.ci_high,
+            verdict=c.verdict.value,
+            reason=c.reason,
+            measured_at=now,
         )
         for c in checks
     ]
@@ -51,10 +65,17 @@ def record_decision(
     reason: str,
 ) -> None:
     with engine.begin() as conn:
-        conn.execute(sa.insert(decisions).values(
-            rollout_id=rollout_id, model=model, stage=stage, action=action,
-            verdict=None if verdict is None else verdict.value, reason=reason, decided_at=utcnow(),
-        ))
+        conn.execute(
+            sa.insert(decisions).values(
+                rollout_id=rollout_id,
+                model=model,
+                stage=stage,
+                action=action,
+                verdict=None if verdict is None else verdict.value,
+                reason=reason,
+                decided_at=utcnow(),
+            )
+        )
 
 
 def last_decision(conn: Connection, rollout_id: str, action: str) -> sa.Row | None:

@@ -6,6 +6,7 @@ Exit codes of ``analyze`` and ``guardrails``: 0 PASS, 1 FAIL, 3 INCONCLUSIVE, 4 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -21,8 +22,7 @@ from mlcanary.report import format_report, format_table, recent_rollouts, rollou
 from mlcanary.routers.base import Split
 from mlcanary.routers.warehouse import WarehouseRouter
 from mlcanary.simulator import FAULT_KINDS, Fault, LiveSimulator, SimConfig, simulate_batch
-from mlcanary.spec import SpecError, load_spec, spec_files
-from mlcanary.spec import parse_duration
+from mlcanary.spec import SpecError, load_spec, parse_duration, spec_files
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import make_engine, naive_utc, utcnow
 from mlcanary.warehouse.schema import create_schema
@@ -38,8 +38,7 @@ def _time(text: str) -> datetime:
     try:
         return naive_utc(datetime.fromisoformat(text.replace("Z", "+00:00")))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an ISO 8601 time (e.g. 2026-11-26T12:00:00Z)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time (e.g. 2026-11-26T12:00:00Z)") from None
 
 
 def _seconds(text: str) -> float:
@@ -61,9 +60,11 @@ def _fault(text: str) -> Fault:
 
 def _warehouse(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--warehouse", default=os.environ.get("MLCANARY_WAREHOUSE"),
+        "--warehouse",
+        default=os.environ.get("MLCANARY_WAREHOUSE"),
         help="SQLAlchemy URL of the warehouse, e.g. sqlite:///warehouse.db or "
-             "postgresql://user@host/db (default: $MLCANARY_WAREHOUSE)")
+        "postgresql://user@host/db (default: $MLCANARY_WAREHOUSE)",
+    )
 
 
 def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -87,13 +88,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         result = analyze(conn, spec, args.baseline_version, args.canary_version, window)
     if args.record:
         with engine.begin() as conn:
-            record_checks(conn, result.checks, model=spec.model, rollout_id=args.rollout_id, stage=None,
-                          baseline_version=args.baseline_version, canary_version=args.canary_version)
+            record_checks(
+                conn,
+                result.checks,
+                model=spec.model,
+                rollout_id=args.rollout_id,
+                stage=None,
+                baseline_version=args.baseline_version,
+                canary_version=args.canary_version,
+            )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(f"{spec.model}: {args.baseline_version} vs {args.canary_version}, "
-              f"rows in [{window.start}, {window.end}), labels as of {window.label_asof}")
+        print(
+            f"{spec.model}: {args.baseline_version} vs {args.canary_version}, "
+            f"rows in [{window.start}, {window.end}), labels as of {window.label_asof}"
+        )
         _print_checks(result.checks)
         print(f"\nverdict: {result.verdict.value}: {result.reason}")
     return EXIT_CODES[result.verdict]
@@ -116,15 +126,21 @@ def cmd_guardrails(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     engine = _engine(args)
     create_schema(engine)
-    config = SimConfig(model=args.model, base_ctr=args.base_ctr, seed=args.seed, faults=args.fault,
-                       label_delay=timedelta(seconds=args.label_delay))
+    config = SimConfig(
+        model=args.model,
+        base_ctr=args.base_ctr,
+        seed=args.seed,
+        faults=args.fault,
+        label_delay=timedelta(seconds=args.label_delay),
+    )
     say = (lambda _msg: None) if args.json else (lambda msg: print(msg, flush=True))
     if args.mode == "batch":
         if not (args.start and args.end and args.canary_version):
             raise UsageError("batch mode needs --start, --end, --baseline-version and --canary-version")
         split = Split(args.model, args.baseline_version, args.canary_version, args.canary_percent)
-        n = simulate_batch(engine, config, args.start, args.end, args.rate, split,
-                           labels_asof=args.labels_asof, progress=say)
+        n = simulate_batch(
+            engine, config, args.start, args.end, args.rate, split, labels_asof=args.labels_asof, progress=say
+        )
         summary: dict[str, Any] = {"mode": "batch", "rows": n}
     else:
         router = WarehouseRouter(engine)
@@ -132,10 +148,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             router.set_split(Split(args.model, args.baseline_version, None, 0.0), None)
             say(f"routing table: {args.model} → {args.baseline_version} 100 %")
         sim = LiveSimulator(engine, config, args.rate, tick=args.tick)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a live run normally
             sim.run(args.duration, progress=say)
-        except KeyboardInterrupt:
-            pass
         summary = {"mode": "live", "rows": sim.rows_written, "labels": sim.labels_written}
     if args.json:
         print(json.dumps(summary))
@@ -156,10 +170,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(format_table(
-            [[r["rollout_id"], r["model"], r["canary_version"], r["stage_reached"], r["status"],
-              (r["reason"] or "")[:100]] for r in rows],
-            ["rollout", "model", "candidate", "stage", "status", "reason"]))
+        print(
+            format_table(
+                [
+                    [
+                        r["rollout_id"],
+                        r["model"],
+                        r["canary_version"],
+                        r["stage_reached"],
+                        r["status"],
+                        (r["reason"] or "")[:100],
+                    ]
+                    for r in rows
+                ],
+                ["rollout", "model", "candidate", "stage", "status", "reason"],
+            )
+        )
     return 0
 
 
@@ -185,8 +211,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlcanary", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mlcanary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def versions(p: argparse.ArgumentParser, canary_required: bool = True) -> None:
@@ -213,8 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_guardrails)
 
-    p = sub.add_parser("simulate", help="write simulated traffic (live, following the split, or batch)",
-                       epilog="fault kinds: " + "; ".join(f"{k}: {v}" for k, v in FAULT_KINDS.items()))
+    p = sub.add_parser(
+        "simulate",
+        help="write simulated traffic (live, following the split, or batch)",
+        epilog="fault kinds: " + "; ".join(f"{k}: {v}" for k, v in FAULT_KINDS.items()),
+    )
     p.add_argument("mode", choices=["live", "batch"])
     _warehouse(p)
     p.add_argument("--model", default="demo-ranker")
@@ -222,8 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-ctr", type=float, default=0.2)
     p.add_argument("--label-delay", type=_seconds, default=5.0, help="e.g. 5s, 10m (default 5s)")
-    p.add_argument("--fault", type=_fault, action="append", default=[],
-                   help="VERSION:KIND=VALUE[;segment=COL:VAL][;min_percent=P], repeatable")
+    p.add_argument(
+        "--fault",
+        type=_fault,
+        action="append",
+        default=[],
+        help="VERSION:KIND=VALUE[;segment=COL:VAL][;min_percent=P], repeatable",
+    )
     p.add_argument("--baseline-version", default="v1")
     p.add_argument("--canary-version")
     p.add_argument("--canary-percent", type=float, default=10.0, help="batch: canary share (default 10)")

@@ -48,9 +48,7 @@ class GuardrailResult:
         }
 
 
-def measure_arm(
-    conn: Connection, spec: RolloutSpec, version: str, start: datetime, end: datetime
-) -> ArmHealth:
+def measure_arm(conn: Connection, spec: RolloutSpec, version: str, start: datetime, end: datetime) -> ArmHealth:
     """Aggregate one version's requests and resource samples in ``[start, end)``, in the warehouse."""
     pred, res = predictions_table(spec), resources_table(spec)
     n, ok = queries.request_counts(conn, pred, spec.model, version, start, end)
@@ -73,46 +71,87 @@ def evaluate_guardrails(
     g = spec.guardrails
     start, end = at - g.window, at
     canary = measure_arm(conn, spec, canary_version, start, end)
-    baseline = (
-        measure_arm(conn, spec, baseline_version, start, end) if baseline_version else None
-    )
+    baseline = measure_arm(conn, spec, baseline_version, start, end) if baseline_version else None
     enough = canary.requests >= g.min_requests
     no_requests = f"no data: {canary.requests} requests < minimum {g.min_requests}"
     checks: list[CheckResult] = []
 
-    def add(name: str, value: float | None, base: float | None, limit: float, ok: bool | None,
-            have: bool, missing: str, text: str, n: int) -> None:
+    def add(
+        name: str,
+        value: float | None,
+        base: float | None,
+        limit: float,
+        ok: bool | None,
+        have: bool,
+        missing: str,
+        text: str,
+        n: int,
+    ) -> None:
         if not have or value is None:
             verdict, reason = Verdict.INCONCLUSIVE, f"{name}: {missing}"
         else:
             verdict = Verdict.PASS if ok else Verdict.FAIL
             reason = f"{name} {text} (n={n})"
-        checks.append(CheckResult(
-            "guardrail", name, "*", verdict, reason, start, end, value, base, n,
-            None if baseline is None else baseline.requests, limit,
-        ))
+        checks.append(
+            CheckResult(
+                "guardrail",
+                name,
+                "*",
+                verdict,
+                reason,
+                start,
+                end,
+                value,
+                base,
+                n,
+                None if baseline is None else baseline.requests,
+                limit,
+            )
+        )
 
     if g.success_rate_min is not None:
         v = canary.success_rate
-        add("success_rate", v, baseline and baseline.success_rate, g.success_rate_min,
-            v is not None and v >= g.success_rate_min, enough, no_requests,
-            f"{_pct(v)} {'>=' if v is not None and v >= g.success_rate_min else '<'} "
-            f"{_pct(g.success_rate_min)}", canary.requests)
+        add(
+            "success_rate",
+            v,
+            baseline and baseline.success_rate,
+            g.success_rate_min,
+            v is not None and v >= g.success_rate_min,
+            enough,
+            no_requests,
+            f"{_pct(v)} {'>=' if v is not None and v >= g.success_rate_min else '<'} {_pct(g.success_rate_min)}",
+            canary.requests,
+        )
     if g.p99_latency_ms_max is not None:
         v = canary.p99_latency_ms
-        add("p99_latency_ms", v, baseline and baseline.p99_latency_ms, g.p99_latency_ms_max,
-            v is not None and v < g.p99_latency_ms_max, enough, no_requests,
-            f"{_num(v)} ms {'<' if v is not None and v < g.p99_latency_ms_max else '>='} "
-            f"{g.p99_latency_ms_max:g} ms", canary.requests)
+        add(
+            "p99_latency_ms",
+            v,
+            baseline and baseline.p99_latency_ms,
+            g.p99_latency_ms_max,
+            v is not None and v < g.p99_latency_ms_max,
+            enough,
+            no_requests,
+            f"{_num(v)} ms {'<' if v is not None and v < g.p99_latency_ms_max else '>='} {g.p99_latency_ms_max:g} ms",
+            canary.requests,
+        )
     for name, v, base, limit in (
         ("cpu", canary.cpu, baseline and baseline.cpu, g.cpu_max),
         ("memory", canary.memory, baseline and baseline.memory, g.memory_max),
     ):
         if limit is None:
             continue
-        add(name, v, base, limit, v is not None and v < limit, canary.resource_samples > 0,
-            "no data: no resource samples", f"{_pct(v)} {'<' if v is not None and v < limit else '>='} "
-            f"{_pct(limit)}", canary.resource_samples)
+        add(
+            name,
+            v,
+            base,
+            limit,
+            v is not None and v < limit,
+            canary.resource_samples > 0,
+            "no data: no resource samples",
+            f"{_pct(v)} {'<' if v is not None and v < limit else '>='} {_pct(limit)}",
+            canary.resource_samples,
+        )
     verdict = combine(checks)
     return GuardrailResult(verdict, first_reason(checks, verdict), start, end, canary, baseline, checks)
 

@@ -26,15 +26,19 @@ def rollout_report(conn: Connection, rollout_id: str) -> dict[str, Any] | None:
     m = measurements.c
     return {
         "rollout": found[0],
-        "traffic": _rows(conn, sa.select(traffic_history)
-                         .where(traffic_history.c.rollout_id == rollout_id)
-                         .order_by(traffic_history.c.id)),
-        "decisions": _rows(conn, sa.select(decisions).where(decisions.c.rollout_id == rollout_id)
-                           .order_by(decisions.c.id)),
+        "traffic": _rows(
+            conn,
+            sa.select(traffic_history).where(traffic_history.c.rollout_id == rollout_id).order_by(traffic_history.c.id),
+        ),
+        "decisions": _rows(
+            conn, sa.select(decisions).where(decisions.c.rollout_id == rollout_id).order_by(decisions.c.id)
+        ),
         "measurement_counts": _rows(
             conn,
             sa.select(m.tier, m.verdict, sa.func.count().label("n"))
-            .where(m.rollout_id == rollout_id).group_by(m.tier, m.verdict).order_by(m.tier, m.verdict),
+            .where(m.rollout_id == rollout_id)
+            .group_by(m.tier, m.verdict)
+            .order_by(m.tier, m.verdict),
         ),
         "not_passing": _rows(
             conn,
@@ -67,8 +71,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"Rollout {r['rollout_id']}",
         f"  model {r['model']}: {r['baseline_version']} → {r['canary_version']}"
         + ("  (dry run)" if r["dry_run"] else ""),
-        f"  status {r['status']}, stage reached {r['stage_reached']}, canary traffic "
-        f"{r['canary_percent']:g} %",
+        f"  status {r['status']}, stage reached {r['stage_reached']}, canary traffic {r['canary_percent']:g} %",
         f"  started {r['started_at']}, ended {r['ended_at'] or '-'}",
         f"  reason: {r['reason'] or '-'}",
         "",
@@ -76,17 +79,18 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     lines += [
         f"  {t['at']}  {t['from_percent'] if t['from_percent'] is not None else '?'} → "
-        f"{t['to_percent']:g} %  {t['note']}" for t in report["traffic"]
+        f"{t['to_percent']:g} %  {t['note']}"
+        for t in report["traffic"]
     ]
     lines += ["", "Decisions:"]
     lines += [
         f"  {d['decided_at']}  stage {d['stage'] if d['stage'] is not None else '-'}  {d['action']}"
-        f"{' ' + d['verdict'] if d['verdict'] else ''}: {d['reason']}" for d in report["decisions"]
+        f"{' ' + d['verdict'] if d['verdict'] else ''}: {d['reason']}"
+        for d in report["decisions"]
     ]
     counts = ", ".join(f"{c['tier']} {c['verdict']} {c['n']}" for c in report["measurement_counts"])
     lines += ["", f"Measurements: {counts or 'none'}"]
     if report["not_passing"]:
         lines.append("Not passing:")
-        lines += [f"  stage {x['stage']} {x['tier']} {x['verdict']}: {x['reason']}"
-                  for x in report["not_passing"]]
+        lines += [f"  stage {x['stage']} {x['tier']} {x['verdict']}: {x['reason']}" for x in report["not_passing"]]
     return "\n".join(lines)

@@ -40,9 +40,19 @@ class Rollout:
 
     @classmethod
     def from_row(cls, row: sa.Row) -> Rollout:
-        return cls(row.rollout_id, row.spec_name, row.model, row.baseline_version,
-                   row.canary_version, bool(row.dry_run), row.status, row.stage_reached,
-                   float(row.canary_percent), row.reason, row.started_at)
+        return cls(
+            row.rollout_id,
+            row.spec_name,
+            row.model,
+            row.baseline_version,
+            row.canary_version,
+            bool(row.dry_run),
+            row.status,
+            row.stage_reached,
+            float(row.canary_percent),
+            row.reason,
+            row.started_at,
+        )
 
 
 def get_rollout(conn: Connection, rollout_id: str) -> Rollout | None:
@@ -76,17 +86,27 @@ def begin_rollout(
         raise RolloutError(f"candidate and baseline are the same version {canary_version!r}")
     try:
         with engine.begin() as conn:
-            conn.execute(sa.insert(rollouts).values(
-                rollout_id=rollout_id, spec_name=spec.name, model=spec.model,
-                baseline_version=baseline_version, canary_version=canary_version, dry_run=dry_run,
-                status="running", stage_reached=0, canary_percent=0.0, started_at=utcnow(),
-                active_model=spec.model,
-            ))
+            conn.execute(
+                sa.insert(rollouts).values(
+                    rollout_id=rollout_id,
+                    spec_name=spec.name,
+                    model=spec.model,
+                    baseline_version=baseline_version,
+                    canary_version=canary_version,
+                    dry_run=dry_run,
+                    status="running",
+                    stage_reached=0,
+                    canary_percent=0.0,
+                    started_at=utcnow(),
+                    active_model=spec.model,
+                )
+            )
     except IntegrityError:
         with engine.connect() as conn:
             holder = conn.execute(
-                sa.select(rollouts.c.rollout_id, rollouts.c.canary_version, rollouts.c.started_at)
-                .where(rollouts.c.active_model == spec.model)
+                sa.select(rollouts.c.rollout_id, rollouts.c.canary_version, rollouts.c.started_at).where(
+                    rollouts.c.active_model == spec.model
+                )
             ).one_or_none()
         if holder is None:
             raise
@@ -104,9 +124,7 @@ def begin_rollout(
     return started
 
 
-def apply_split(
-    engine: Engine, router: Router, rollout: Rollout, target: Split, note: str
-) -> Split:
+def apply_split(engine: Engine, router: Router, rollout: Rollout, target: Split, note: str) -> Split:
     """Apply ``target`` unless it is already in force, read it back, and record the step.
 
     Raises :class:`TrafficShiftError` when the read-back differs: the caller retries.
@@ -124,56 +142,94 @@ def apply_split(
             raise TrafficShiftError(f"router reads back {after} after setting {target}")
         applied = True
     with engine.begin() as conn:
-        conn.execute(sa.insert(traffic_history).values(
-            model=target.model, rollout_id=rollout.rollout_id,
-            baseline_version=target.baseline_version, canary_version=target.canary_version,
-            from_percent=from_pct, to_percent=target.share(rollout.canary_version),
-            applied=applied, note=note, at=utcnow(),
-        ))
+        conn.execute(
+            sa.insert(traffic_history).values(
+                model=target.model,
+                rollout_id=rollout.rollout_id,
+                baseline_version=target.baseline_version,
+                canary_version=target.canary_version,
+                from_percent=from_pct,
+                to_percent=target.share(rollout.canary_version),
+                applied=applied,
+                note=note,
+                at=utcnow(),
+            )
+        )
     return target
 
 
-def shift_to_stage(
-    engine: Engine, router: Router, spec: RolloutSpec, rollout: Rollout, stage: int
-) -> Split:
+def shift_to_stage(engine: Engine, router: Router, spec: RolloutSpec, rollout: Rollout, stage: int) -> Split:
     """Send ``spec.stages[stage - 1].percent`` of traffic to the canary (stages count from 1)."""
     percent = spec.stages[stage - 1].percent
     split = Split(spec.model, rollout.baseline_version, rollout.canary_version, percent)
     apply_split(engine, router, rollout, split, f"stage {stage}: canary to {percent:g} %")
     with engine.begin() as conn:
-        conn.execute(sa.update(rollouts).where(rollouts.c.rollout_id == rollout.rollout_id)
-                     .values(stage_reached=stage, canary_percent=percent))
-    record_decision(engine, rollout_id=rollout.rollout_id, model=spec.model, stage=stage,
-                    action="advance", verdict=None, reason=f"traffic to canary {percent:g} %")
+        conn.execute(
+            sa.update(rollouts)
+            .where(rollouts.c.rollout_id == rollout.rollout_id)
+            .values(stage_reached=stage, canary_percent=percent)
+        )
+    record_decision(
+        engine,
+        rollout_id=rollout.rollout_id,
+        model=spec.model,
+        stage=stage,
+        action="advance",
+        verdict=None,
+        reason=f"traffic to canary {percent:g} %",
+    )
     return split
 
 
 def promote(engine: Engine, router: Router, spec: RolloutSpec, rollout: Rollout, reason: str) -> Split:
     """Canary to 100 %, then make it the model's baseline."""
-    apply_split(engine, router, rollout,
-                Split(spec.model, rollout.baseline_version, rollout.canary_version, 100.0),
-                "promotion: canary to 100 %")
-    final = apply_split(engine, router, rollout, Split(spec.model, rollout.canary_version, None, 0.0),
-                        f"promotion: {rollout.canary_version} is the new baseline")
+    apply_split(
+        engine,
+        router,
+        rollout,
+        Split(spec.model, rollout.baseline_version, rollout.canary_version, 100.0),
+        "promotion: canary to 100 %",
+    )
+    final = apply_split(
+        engine,
+        router,
+        rollout,
+        Split(spec.model, rollout.canary_version, None, 0.0),
+        f"promotion: {rollout.canary_version} is the new baseline",
+    )
     _end(engine, rollout, "promoted", 100.0, reason)
-    record_decision(engine, rollout_id=rollout.rollout_id, model=spec.model, stage=None,
-                    action="promote", verdict=Verdict.PASS, reason=reason)
+    record_decision(
+        engine,
+        rollout_id=rollout.rollout_id,
+        model=spec.model,
+        stage=None,
+        action="promote",
+        verdict=Verdict.PASS,
+        reason=reason,
+    )
     return final
 
 
 def rollback(engine: Engine, router: Router, spec: RolloutSpec, rollout: Rollout, reason: str) -> Split:
     """Canary to 0 %; the baseline serves everything again."""
-    final = apply_split(engine, router, rollout,
-                        Split(spec.model, rollout.baseline_version, rollout.canary_version, 0.0),
-                        "rollback: canary to 0 %")
+    final = apply_split(
+        engine,
+        router,
+        rollout,
+        Split(spec.model, rollout.baseline_version, rollout.canary_version, 0.0),
+        "rollback: canary to 0 %",
+    )
     _end(engine, rollout, "rolled_back", 0.0, reason)
     return final
 
 
 def _end(engine: Engine, rollout: Rollout, status: str, percent: float, reason: str) -> None:
     with engine.begin() as conn:
-        conn.execute(sa.update(rollouts).where(rollouts.c.rollout_id == rollout.rollout_id).values(
-            status=status, canary_percent=percent, reason=reason, ended_at=utcnow()))
+        conn.execute(
+            sa.update(rollouts)
+            .where(rollouts.c.rollout_id == rollout.rollout_id)
+            .values(status=status, canary_percent=percent, reason=reason, ended_at=utcnow())
+        )
 
 
 def release(engine: Engine, rollout_id: str, reason_if_unfinished: str) -> Rollout | None:
@@ -184,6 +240,5 @@ def release(engine: Engine, rollout_id: str, reason_if_unfinished: str) -> Rollo
             .where(rollouts.c.rollout_id == rollout_id, rollouts.c.status == "running")
             .values(status="failed", reason=reason_if_unfinished, ended_at=utcnow())
         )
-        conn.execute(sa.update(rollouts).where(rollouts.c.rollout_id == rollout_id)
-                     .values(active_model=None))
+        conn.execute(sa.update(rollouts).where(rollouts.c.rollout_id == rollout_id).values(active_model=None))
         return get_rollout(conn, rollout_id)

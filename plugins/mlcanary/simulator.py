@@ -77,8 +77,7 @@ class Fault:
             fault = cls(version.strip(), kind.strip(), float(value), **kwargs)
         except ValueError as exc:
             raise ValueError(
-                f"bad fault {text!r} ({exc}); expected VERSION:KIND=VALUE[;segment=COL:VAL]"
-                "[;min_percent=P]"
+                f"bad fault {text!r} ({exc}); expected VERSION:KIND=VALUE[;segment=COL:VAL][;min_percent=P]"
             ) from None
         if fault.kind not in FAULT_KINDS:
             raise ValueError(f"bad fault {text!r}: kind must be one of {', '.join(FAULT_KINDS)}")
@@ -163,9 +162,13 @@ class TrafficGenerator:
         label_ts = ts + (delay * 1e6).astype("timedelta64[us]")
         cols.update(
             request_id=np.array([f"{id_prefix}{i}" for i in range(n)], dtype=object),
-            ts=ts, model_version=np.full(n, version, dtype=object),
-            score=_sigmoid(score_logit), label=label, label_ts=label_ts,
-            latency_ms=latency, success=success,
+            ts=ts,
+            model_version=np.full(n, version, dtype=object),
+            score=_sigmoid(score_logit),
+            label=label,
+            label_ts=label_ts,
+            latency_ms=latency,
+            success=success,
         )
         for j, name in enumerate(FEATURE_COLUMNS):
             cols[name] = feats[:, j]
@@ -181,9 +184,14 @@ class TrafficGenerator:
             elif f.kind == "memory":
                 mem = f.value
         return [
-            dict(ts=at, model=self.config.model, model_version=version, host=f"{version}-host-{h}",
-                 cpu_util=float(np.clip(cpu + self.rng.normal(0, 0.02), 0, 1)),
-                 mem_util=float(np.clip(mem + self.rng.normal(0, 0.01), 0, 1)))
+            dict(
+                ts=at,
+                model=self.config.model,
+                model_version=version,
+                host=f"{version}-host-{h}",
+                cpu_util=float(np.clip(cpu + self.rng.normal(0, 0.02), 0, 1)),
+                mem_util=float(np.clip(mem + self.rng.normal(0, 0.01), 0, 1)),
+            )
             for h in range(self.config.hosts_per_version)
         ]
 
@@ -228,8 +236,7 @@ def simulate_batch(
     chunk = timedelta(seconds=chunk_seconds)
     while t < end:
         t1 = min(t + chunk, end)
-        total += _write_tick(engine, gen, split, t, t1, rate, labels_asof,
-                             f"b{config.seed}-{t:%Y%m%d%H%M%S}-")[0]
+        total += _write_tick(engine, gen, split, t, t1, rate, labels_asof, f"b{config.seed}-{t:%Y%m%d%H%M%S}-")[0]
         if progress:
             progress(f"{t1:%Y-%m-%d %H:%M:%S}  {total:,} rows")
         t = t1
@@ -245,8 +252,14 @@ def _scrape_times(t0: datetime, t1: datetime, every: float) -> list[datetime]:
 
 
 def _write_tick(
-    engine: Engine, gen: TrafficGenerator, split: Split, t0: datetime, t1: datetime,
-    rate: float, labels_asof: datetime | None, id_prefix: str,
+    engine: Engine,
+    gen: TrafficGenerator,
+    split: Split,
+    t0: datetime,
+    t1: datetime,
+    rate: float,
+    labels_asof: datetime | None,
+    id_prefix: str,
 ) -> tuple[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Write one slice of traffic; returns the rows written and the labels still to arrive."""
     seconds = (t1 - t0).total_seconds()
@@ -266,7 +279,8 @@ def _write_tick(
             cols = gen.requests(version, count, t0, t1, share, f"{id_prefix}{version}-")
             rows.extend(_rows(cols, gen.config.model, labels_asof))
             unseen = (
-                np.ones(count, dtype=bool) if labels_asof is None
+                np.ones(count, dtype=bool)
+                if labels_asof is None
                 else cols["label_ts"] > np.datetime64(labels_asof, "us")
             )
             pending.append((cols["label_ts"][unseen], cols["request_id"][unseen], cols["label"][unseen]))
@@ -318,8 +332,10 @@ class LiveSimulator:
                 updates.extend(
                     {"rid": rid, "label": lab, "label_ts": lts}
                     for rid, lab, lts in zip(
-                        ids[due].tolist(), labels[due].tolist(),
-                        label_ts[due].astype("datetime64[us]").tolist(), strict=True,
+                        ids[due].tolist(),
+                        labels[due].tolist(),
+                        label_ts[due].astype("datetime64[us]").tolist(),
+                        strict=True,
                     )
                 )
             if (~due).any():

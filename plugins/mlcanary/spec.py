@@ -157,9 +157,7 @@ class AnalysisSpec(_Model):
     def _critical_segments_are_segments(self) -> AnalysisSpec:
         for i, seg in enumerate(self.critical_segments):
             if seg.column not in self.segments:
-                raise ValueError(
-                    f"critical_segments.{i}.column {seg.column!r} is not listed in segments"
-                )
+                raise ValueError(f"critical_segments.{i}.column {seg.column!r} is not listed in segments")
         names = [m.name for m in self.metrics]
         if len(names) != len(set(names)):
             raise ValueError("metric names must be unique")

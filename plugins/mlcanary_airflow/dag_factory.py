@@ -3,9 +3,10 @@
 ::
 
     validate_and_lock ─► stage_1 [shift_traffic ─► guardrails ─► analysis] ─► stage_2 … ─► decide
-    decide ─► promote ─► finish                       (final analysis PASS)
-    decide ─► rollback ─► rolled_back (fails the run) (otherwise, per the spec's policy)
-    any failure in a stage ─────────► rollback
+    decide ─► promote ──┐                (final analysis PASS)
+    decide ─► rollback ─┴─► report       (otherwise, per the spec's policy)
+    any failure in a stage ─► rollback
+    report: releases the lock; the run succeeds only if the candidate was promoted
 
 Building a DAG reads nothing but the spec: no database, no network, no Airflow Variables.
 """
@@ -24,9 +25,8 @@ from mlcanary_airflow.operators import (
     AnalysisOperator,
     BeginRolloutOperator,
     DecideOperator,
-    FailRunOperator,
-    FinishRolloutOperator,
     PromoteOperator,
+    ReportOperator,
     RollbackOperator,
     ShiftTrafficOperator,
 )
@@ -48,15 +48,21 @@ def _params(spec: RolloutSpec) -> dict[str, Param]:
     return {
         # A scheduled spec needs a default; issue-free runs without a candidate skip cleanly.
         "candidate_version": (
-            Param(None, type=["null", "string"], **candidate) if spec.schedule
+            Param(None, type=["null", "string"], **candidate)
+            if spec.schedule
             else Param(type="string", minLength=1, **candidate)
         ),
         "baseline_version": Param(
-            None, type=["null", "string"], pattern=VERSION_PATTERN, title="Baseline version",
+            None,
+            type=["null", "string"],
+            pattern=VERSION_PATTERN,
+            title="Baseline version",
             description="The version to compare with. Empty: the version serving the model now.",
         ),
         "dry_run": Param(
-            False, type="boolean", title="Dry run",
+            False,
+            type="boolean",
+            title="Dry run",
             description="Run every check and decision but change no traffic.",
         ),
     }
@@ -87,8 +93,9 @@ def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
         final_analysis = None
         for number in range(1, len(spec.stages) + 1):
             last = number == len(spec.stages)
-            with TaskGroup(group_id=f"stage_{number}",
-                           tooltip=f"{spec.stages[number - 1].percent:g} % canary") as group:
+            with TaskGroup(
+                group_id=f"stage_{number}", tooltip=f"{spec.stages[number - 1].percent:g} % canary"
+            ) as group:
                 shift = ShiftTrafficOperator(task_id="shift_traffic", spec=data, stage=number)
                 guard = GuardrailSensor(task_id="guardrails", spec=data, stage=number)
                 analysis = AnalysisOperator(task_id="analysis", spec=data, stage=number, final=last)
@@ -98,16 +105,13 @@ def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
             stage_tasks += [shift, guard, analysis]
             final_analysis = analysis
         assert final_analysis is not None
-        decide = DecideOperator(task_id="decide", spec=data,
-                                final_analysis_task_id=final_analysis.task_id)
+        decide = DecideOperator(task_id="decide", spec=data, final_analysis_task_id=final_analysis.task_id)
         promote = PromoteOperator(task_id="promote", spec=data)
         rollback = RollbackOperator(task_id="rollback", spec=data, trigger_rule=TriggerRule.ALL_DONE)
-        rolled_back = FailRunOperator(task_id="rolled_back")
-        finish = FinishRolloutOperator(task_id="finish", spec=data, trigger_rule=TriggerRule.ALL_DONE)
+        report = ReportOperator(task_id="report", spec=data, trigger_rule=TriggerRule.ALL_DONE)
         previous >> decide >> [promote, rollback]
         [*stage_tasks, begin] >> rollback
-        rollback >> rolled_back
-        [promote, rollback] >> finish
+        [promote, rollback] >> report
     return dag
 
 

@@ -72,13 +72,23 @@ class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
         create_schema(self.engine, contract=False)
         try:
             started = lifecycle.begin_rollout(
-                self.engine, self.router, self.spec, rollout_id_of(context), candidate,
-                params.get("baseline_version") or None, bool(params.get("dry_run")),
+                self.engine,
+                self.router,
+                self.spec,
+                rollout_id_of(context),
+                candidate,
+                params.get("baseline_version") or None,
+                bool(params.get("dry_run")),
             )
         except RolloutError as exc:
             raise AirflowFailException(str(exc)) from None
-        self.log.info("rollout %s: %s → %s%s", started.rollout_id, started.baseline_version,
-                      started.canary_version, " (dry run)" if started.dry_run else "")
+        self.log.info(
+            "rollout %s: %s → %s%s",
+            started.rollout_id,
+            started.baseline_version,
+            started.canary_version,
+            " (dry run)" if started.dry_run else "",
+        )
         return {"baseline_version": started.baseline_version, "canary_version": started.canary_version}
 
 
@@ -125,20 +135,38 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
             window = AnalysisWindow.ending_at(self.spec, utcnow(), not_before=rollout.started_at)
             result = analyze(conn, self.spec, rollout.baseline_version, rollout.canary_version, window)
         with self.engine.begin() as conn:
-            record_checks(conn, result.checks, model=self.spec.model, rollout_id=rollout.rollout_id,
-                          stage=self.stage, baseline_version=rollout.baseline_version,
-                          canary_version=rollout.canary_version)
+            record_checks(
+                conn,
+                result.checks,
+                model=self.spec.model,
+                rollout_id=rollout.rollout_id,
+                stage=self.stage,
+                baseline_version=rollout.baseline_version,
+                canary_version=rollout.canary_version,
+            )
         self.log.info("stage %d analysis: %s: %s", self.stage, result.verdict.value, result.reason)
         if result.verdict is Verdict.FAIL:
-            record_decision(self.engine, rollout_id=rollout.rollout_id, model=self.spec.model,
-                            stage=self.stage, action="rollback", verdict=result.verdict,
-                            reason=f"analysis: {result.reason}")
+            record_decision(
+                self.engine,
+                rollout_id=rollout.rollout_id,
+                model=self.spec.model,
+                stage=self.stage,
+                action="rollback",
+                verdict=result.verdict,
+                reason=f"analysis: {result.reason}",
+            )
             raise AirflowFailException(f"analysis FAIL: {result.reason}")
         if self._extend(result, first_look):
-            record_decision(self.engine, rollout_id=rollout.rollout_id, model=self.spec.model,
-                            stage=self.stage, action="extend", verdict=result.verdict,
-                            reason=f"{result.verdict.value}, policy extend: looking again in "
-                                   f"{self.spec.analysis.interval}: {result.reason}")
+            record_decision(
+                self.engine,
+                rollout_id=rollout.rollout_id,
+                model=self.spec.model,
+                stage=self.stage,
+                action="extend",
+                verdict=result.verdict,
+                reason=f"{result.verdict.value}, policy extend: looking again in "
+                f"{self.spec.analysis.interval}: {result.reason}",
+            )
             self.defer(
                 trigger=DateTimeTrigger(moment=_aware(utcnow() + self.spec.analysis.interval)),
                 method_name="execute",
@@ -177,8 +205,15 @@ class DecideOperator(RolloutTaskMixin, BaseBranchOperator):
             return "promote"
         policy = self.spec.policies.invalid if verdict is Verdict.INVALID else self.spec.policies.inconclusive
         why = f"final analysis {verdict.value} (policy {policy}, no time left to extend): {reason}"
-        record_decision(self.engine, rollout_id=rollout.rollout_id, model=self.spec.model,
-                        stage=len(self.spec.stages), action="rollback", verdict=verdict, reason=why)
+        record_decision(
+            self.engine,
+            rollout_id=rollout.rollout_id,
+            model=self.spec.model,
+            stage=len(self.spec.stages),
+            action="rollback",
+            verdict=verdict,
+            reason=why,
+        )
         self.log.info(why)
         return "rollback"
 
@@ -194,8 +229,13 @@ class PromoteOperator(RolloutTaskMixin, BaseOperator):
 
     def execute(self, context: Context) -> None:
         rollout = self.rollout(context)
-        lifecycle.promote(self.engine, self.router, self.spec, rollout,
-                          f"all {len(self.spec.stages)} stages healthy and final analysis PASS")
+        lifecycle.promote(
+            self.engine,
+            self.router,
+            self.spec,
+            rollout,
+            f"all {len(self.spec.stages)} stages healthy and final analysis PASS",
+        )
         self.log.info("promoted %s: it now serves 100 %% of %s", rollout.canary_version, self.spec.model)
 
 
@@ -217,36 +257,43 @@ class RollbackOperator(RolloutTaskMixin, BaseOperator):
             decided = last_decision(conn, rollout.rollout_id, "rollback")
         reason = decided.reason if decided else "an upstream task failed (see the Airflow run)"
         if decided is None:
-            record_decision(self.engine, rollout_id=rollout.rollout_id, model=self.spec.model,
-                            stage=rollout.stage_reached or None, action="rollback", verdict=None,
-                            reason=reason)
+            record_decision(
+                self.engine,
+                rollout_id=rollout.rollout_id,
+                model=self.spec.model,
+                stage=rollout.stage_reached or None,
+                action="rollback",
+                verdict=None,
+                reason=reason,
+            )
         lifecycle.rollback(self.engine, self.router, self.spec, rollout, reason)
         self.log.warning("rolled back %s to 0 %%: %s", rollout.canary_version, reason)
         return reason
 
 
-class FailRunOperator(BaseOperator):
-    """Ends the DAG run as failed after a rollback, so Airflow's own alerting fires."""
-
-    ui_color = "#f28b82"
-
-    def execute(self, context: Context) -> None:
-        reason = context["ti"].xcom_pull(task_ids="rollback")
-        raise AirflowFailException(f"rolled back: {reason}")
-
-
-class FinishRolloutOperator(RolloutTaskMixin, BaseOperator):
-    """Release the model's lock and log the report, whatever happened."""
+class ReportOperator(RolloutTaskMixin, BaseOperator):
+    """The last task, whatever happened: release the model's lock, log the report, and set the run's
+    outcome. The run succeeds only when the candidate was promoted; a rollback (or a rollout that
+    could not start) fails it, so Airflow's own alerting fires. No candidate at all skips cleanly.
+    """
 
     def __init__(self, *, spec: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec_data = spec
 
     def execute(self, context: Context) -> dict[str, Any]:
-        rollout = self.rollout(context)
-        ended = lifecycle.release(self.engine, rollout.rollout_id, "ended without promotion or rollback")
+        rollout_id = rollout_id_of(context)
         with self.engine.connect() as conn:
-            report = rollout_report(conn, rollout.rollout_id)
+            started = lifecycle.get_rollout(conn, rollout_id)
+        if started is None:
+            if not context["params"].get("candidate_version"):
+                raise AirflowSkipException("no candidate version: nothing was rolled out")
+            raise AirflowFailException("the rollout never started: see validate_and_lock")
+        ended = lifecycle.release(self.engine, rollout_id, "ended without promotion or rollback")
+        with self.engine.connect() as conn:
+            report = rollout_report(conn, rollout_id)
         assert report is not None and ended is not None
         self.log.info("\n%s", format_report(report))
+        if ended.status != "promoted":
+            raise AirflowFailException(f"{ended.status.replace('_', ' ')}: {ended.reason}")
         return {"status": ended.status, "stage_reached": ended.stage_reached, "reason": ended.reason}

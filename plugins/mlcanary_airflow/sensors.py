@@ -34,9 +34,13 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
         limit = bake + self.spec.guardrails.deadline_margin.total_seconds()
         self.defer(
             trigger=GuardrailTrigger(
-                spec=self.spec_data, rollout_id=rollout.rollout_id, stage=self.stage,
-                baseline_version=rollout.baseline_version, canary_version=rollout.canary_version,
-                bake_seconds=bake, deadline_epoch=time.time() + limit,
+                spec=self.spec_data,
+                rollout_id=rollout.rollout_id,
+                stage=self.stage,
+                baseline_version=rollout.baseline_version,
+                canary_version=rollout.canary_version,
+                bake_seconds=bake,
+                deadline_epoch=time.time() + limit,
             ),
             method_name="execute_complete",
             # A backstop for a real triggerer; the trigger's own deadline normally ends it first.
@@ -46,11 +50,23 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         event = event or {"status": "error", "reason": "the trigger ended without an event"}
         if event["status"] == "healthy":
-            self.log.info("stage %d healthy for %.0f s over %d polls: %s", self.stage,
-                          event["healthy_seconds"], event["polls"], event["reason"])
+            self.log.info(
+                "stage %d healthy for %.0f s over %d polls: %s",
+                self.stage,
+                event["healthy_seconds"],
+                event["polls"],
+                event["reason"],
+            )
             return {k: event[k] for k in ("status", "polls", "healthy_seconds", "reason")}
         rollout = self.rollout(context)
         reason = f"guardrails stage {self.stage} {event['status']}: {event['reason']}"
-        record_decision(self.engine, rollout_id=rollout.rollout_id, model=self.spec.model,
-                        stage=self.stage, action="rollback", verdict=None, reason=reason)
+        record_decision(
+            self.engine,
+            rollout_id=rollout.rollout_id,
+            model=self.spec.model,
+            stage=self.stage,
+            action="rollback",
+            verdict=None,
+            reason=reason,
+        )
         raise AirflowFailException(reason)

@@ -51,9 +51,15 @@ class GuardrailTrigger(BaseTrigger):
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
-            dict(spec=self.spec, rollout_id=self.rollout_id, stage=self.stage,
-                 baseline_version=self.baseline_version, canary_version=self.canary_version,
-                 bake_seconds=self.bake_seconds, deadline_epoch=self.deadline_epoch),
+            dict(
+                spec=self.spec,
+                rollout_id=self.rollout_id,
+                stage=self.stage,
+                baseline_version=self.baseline_version,
+                canary_version=self.canary_version,
+                bake_seconds=self.bake_seconds,
+                deadline_epoch=self.deadline_epoch,
+            ),
         )
 
     def _poll(self, spec: RolloutSpec) -> GuardrailResult:
@@ -61,9 +67,15 @@ class GuardrailTrigger(BaseTrigger):
         with engine.connect() as conn:
             result = evaluate_guardrails(conn, spec, self.canary_version, utcnow(), self.baseline_version)
         with engine.begin() as conn:
-            record_checks(conn, result.checks, model=spec.model, rollout_id=self.rollout_id,
-                          stage=self.stage, baseline_version=self.baseline_version,
-                          canary_version=self.canary_version)
+            record_checks(
+                conn,
+                result.checks,
+                model=spec.model,
+                rollout_id=self.rollout_id,
+                stage=self.stage,
+                baseline_version=self.baseline_version,
+                canary_version=self.canary_version,
+            )
         return result
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -78,8 +90,7 @@ class GuardrailTrigger(BaseTrigger):
             polled_at = time.time()
             last = await sync_to_async(self._poll)(spec)
             polls += 1
-            base = {"polls": polls, "healthy_seconds": healthy, "reason": last.reason,
-                    "result": last.to_dict()}
+            base = {"polls": polls, "healthy_seconds": healthy, "reason": last.reason, "result": last.to_dict()}
             if last.verdict is Verdict.FAIL:
                 breaches += 1
                 last_ok_at = None
@@ -99,10 +110,13 @@ class GuardrailTrigger(BaseTrigger):
                 last_ok_at = None  # no data: the bake does not advance
             next_poll = polled_at + interval
             if next_poll > self.deadline_epoch:
-                yield TriggerEvent({
-                    "status": "timeout", **base,
-                    "reason": f"deadline passed with {healthy:.0f} s of {self.bake_seconds:.0f} s "
-                              f"baked healthy; last poll: {last.reason}",
-                })
+                yield TriggerEvent(
+                    {
+                        "status": "timeout",
+                        **base,
+                        "reason": f"deadline passed with {healthy:.0f} s of {self.bake_seconds:.0f} s "
+                        f"baked healthy; last poll: {last.reason}",
+                    }
+                )
                 return
             await asyncio.sleep(max(0.0, next_poll - time.time()))

@@ -16,9 +16,7 @@ class WarehouseRouter:
 
     def get_split(self, model: str) -> Split | None:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(traffic_split).where(traffic_split.c.model == model)
-            ).one_or_none()
+            row = conn.execute(sa.select(traffic_split).where(traffic_split.c.model == model)).one_or_none()
         if row is None:
             return None
         return Split(row.model, row.baseline_version, row.canary_version, float(row.canary_percent))

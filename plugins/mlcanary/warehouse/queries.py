@@ -31,9 +31,7 @@ class MappedTable:
         return self.table.c[self.columns.get(logical, logical)]
 
 
-def mapped_table(
-    name: str, schema: str | None, columns: Mapping[str, str], extra: Iterable[str] = ()
-) -> MappedTable:
+def mapped_table(name: str, schema: str | None, columns: Mapping[str, str], extra: Iterable[str] = ()) -> MappedTable:
     """A lightweight table clause with the mapped columns plus ``extra`` physical columns."""
     physical = list(dict.fromkeys([*columns.values(), *extra]))
     table = sa.table(name, *(sa.column(c) for c in physical), schema=schema)
@@ -53,9 +51,7 @@ def request_counts(
     conn: Connection, t: MappedTable, model: str, version: str, start: datetime, end: datetime
 ) -> tuple[int, int]:
     """Requests and successful requests of one version in ``[start, end)``."""
-    q = sa.select(sa.func.count(), sa.func.sum(t.col("success"))).where(
-        *_arm_filter(t, model, version, start, end)
-    )
+    q = sa.select(sa.func.count(), sa.func.sum(t.col("success"))).where(*_arm_filter(t, model, version, start, end))
     n, ok = conn.execute(q).one()
     return int(n or 0), int(ok or 0)
 
@@ -96,9 +92,9 @@ def resource_means(
     conn: Connection, t: MappedTable, model: str, version: str, start: datetime, end: datetime
 ) -> tuple[int, float | None, float | None]:
     """Samples and mean CPU and memory utilisation of one version's hosts in ``[start, end)``."""
-    q = sa.select(
-        sa.func.count(), sa.func.avg(t.col("cpu")), sa.func.avg(t.col("memory"))
-    ).where(*_arm_filter(t, model, version, start, end))
+    q = sa.select(sa.func.count(), sa.func.avg(t.col("cpu")), sa.func.avg(t.col("memory"))).where(
+        *_arm_filter(t, model, version, start, end)
+    )
     n, cpu, mem = conn.execute(q).one()
     return int(n or 0), (None if cpu is None else float(cpu)), (None if mem is None else float(mem))
 
@@ -171,8 +167,13 @@ def labelled_sums(
     out = []
     for row in conn.execute(stmt):
         m = row._mapping
-        out.append(SegmentSums(
-            version=row.version, column=row.seg_column, value=row.seg_value, n=int(row.n),
-            sums={k: (float(m[f"s{i}"] or 0.0), float(m[f"q{i}"] or 0.0)) for i, k in enumerate(keys)},
-        ))
+        out.append(
+            SegmentSums(
+                version=row.version,
+                column=row.seg_column,
+                value=row.seg_value,
+                n=int(row.n),
+                sums={k: (float(m[f"s{i}"] or 0.0), float(m[f"q{i}"] or 0.0)) for i, k in enumerate(keys)},
+            )
+        )
     return out

@@ -1,0 +1,189 @@
+"""Whole rollout DAGs through ``dag.test()`` against live simulated traffic (about 20 s each).
+
+The simulator runs in a thread and follows the routing table the DAG writes, as a serving layer would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import yaml
+from airflow.dag_processing.dagbag import DagBag
+
+from conftest import ROOT, base_spec
+from mlcanary.routers.base import Split
+from mlcanary.routers.warehouse import WarehouseRouter
+from mlcanary.simulator import Fault, LiveSimulator, SimConfig
+from mlcanary.spec import parse_spec
+from mlcanary.warehouse.engine import make_engine
+from mlcanary.warehouse.schema import create_schema, decisions, measurements, rollouts, traffic_history
+
+pytestmark = pytest.mark.e2e
+MODEL = "unit-ranker"
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """The Airflow metadata DB of the throwaway home that conftest set up."""
+    airflow = Path(sys.executable).parent / "airflow"
+    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True)
+
+
+@dataclass
+class Outcome:
+    state: str
+    task_states: dict[str, str]
+    rollout: sa.Row
+    split: Split | None
+    traffic: list[float]
+    decisions: list[sa.Row]
+    guardrail_polls: int
+
+
+def load_dag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """The DAG as Airflow sees it: the spec in a spec folder, built by the real factory file."""
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir()
+    (spec_dir / "unit_ranker.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("MLCANARY_SPEC_DIR", str(spec_dir))
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags[f"rollout__{parse_spec(spec).name}"]
+
+
+def run_rollout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: tuple[str, ...] = (), **spec_overrides: Any
+) -> Outcome:
+    db = tmp_path / "warehouse.db"
+    engine = make_engine(f"sqlite:///{db}")
+    create_schema(engine)
+    monkeypatch.setenv("AIRFLOW_CONN_MLCANARY_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(db)}))
+    router = WarehouseRouter(engine)
+    router.set_split(Split(MODEL, "v1", None, 0.0), None)
+    config = SimConfig(model=MODEL, seed=3, label_delay=timedelta(seconds=1), faults=[Fault.parse(f) for f in faults])
+    sim = LiveSimulator(engine, config, rate=600, tick=0.5)
+    thread = threading.Thread(target=sim.run, daemon=True)
+    thread.start()
+    time.sleep(2)  # some baseline traffic before the rollout starts
+    try:
+        dag = load_dag(tmp_path, monkeypatch, base_spec(**spec_overrides))
+        dag_run = dag.test(run_conf={"candidate_version": "v2"})
+    finally:
+        sim.stop_event.set()
+        thread.join(timeout=30)
+    with engine.connect() as conn:
+        rollout = conn.execute(sa.select(rollouts)).one()
+        traffic = [
+            h.to_percent
+            for h in conn.execute(
+                sa.select(traffic_history).where(traffic_history.c.applied).order_by(traffic_history.c.id)
+            )
+        ]
+        decided = conn.execute(sa.select(decisions).order_by(decisions.c.id)).all()
+        polls = conn.execute(
+            sa.select(sa.func.count(sa.distinct(measurements.c.measured_at))).where(measurements.c.tier == "guardrail")
+        ).scalar()
+    return Outcome(
+        state=str(dag_run.state),
+        task_states={ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()},
+        rollout=rollout,
+        split=router.get_split(MODEL),
+        traffic=traffic,
+        decisions=decided,
+        guardrail_polls=polls,
+    )
+
+
+def test_healthy_candidate_is_promoted(airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = run_rollout(tmp_path, monkeypatch)
+    assert out.state == "success", out.task_states
+    assert out.rollout.status == "promoted" and out.rollout.stage_reached == 3
+    assert out.split.share("v2") == 100.0 and out.split.baseline_version == "v2"
+    assert out.traffic == [10.0, 30.0, 60.0, 100.0, 100.0]
+    assert out.task_states["promote"] == "success"
+    assert out.task_states["rollback"] == "skipped" and out.task_states["report"] == "success"
+    assert out.rollout.active_model is None  # the lock is released
+    assert out.guardrail_polls >= 12  # three stages of 4 s baked at 1 s polls
+
+
+def test_latency_breach_in_stage_2_rolls_back(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = run_rollout(tmp_path, monkeypatch, faults=("v2:latency_ms=300;min_percent=30",))
+    assert out.state == "failed"
+    assert out.rollout.status == "rolled_back" and out.rollout.stage_reached == 2
+    assert out.rollout.reason.startswith("guardrails stage 2 breach: p99_latency_ms")
+    assert out.split.share("v2") == 0.0 and out.split.baseline_version == "v1"
+    assert 60.0 not in out.traffic and out.traffic[-1] == 0.0
+    assert out.task_states["stage_2.guardrails"] == "failed"
+    assert out.task_states["stage_3.shift_traffic"] == "upstream_failed"  # stage 3 never starts
+    assert out.task_states["rollback"] == "success" and out.task_states["report"] == "failed"
+    assert out.task_states["promote"] == "upstream_failed"
+
+
+def test_error_rate_breach_rolls_back(airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = run_rollout(tmp_path, monkeypatch, faults=("v2:error_rate=0.05",))
+    assert out.state == "failed"
+    assert out.rollout.status == "rolled_back" and out.rollout.stage_reached == 1
+    assert "success_rate" in out.rollout.reason
+    assert out.split.share("v2") == 0.0
+    assert out.task_states["stage_1.guardrails"] == "failed"
+
+
+def test_ctr_drop_with_healthy_infrastructure_rolls_back_by_analysis(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = run_rollout(tmp_path, monkeypatch, faults=("v2:ctr_drop=0.4",))
+    assert out.state == "failed"
+    assert out.rollout.status == "rolled_back"
+    assert out.rollout.reason.startswith("analysis: ctr fell")
+    assert out.split.share("v2") == 0.0
+    failed = [t for t, s in out.task_states.items() if s == "failed"]
+    assert set(failed) <= {"report"} | {f"stage_{n}.analysis" for n in (1, 2, 3)}
+    assert not any(t.endswith("guardrails") for t in failed)  # the infrastructure stayed healthy
+
+
+def test_second_trigger_for_the_same_model_fails_fast(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "warehouse.db"
+    engine = make_engine(f"sqlite:///{db}")
+    create_schema(engine)
+    monkeypatch.setenv("AIRFLOW_CONN_MLCANARY_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(db)}))
+    router = WarehouseRouter(engine)
+    router.set_split(Split(MODEL, "v1", "v5", 10.0), "other")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(rollouts).values(
+                rollout_id="rollout__other/run",
+                spec_name="other",
+                model=MODEL,
+                baseline_version="v1",
+                canary_version="v5",
+                dry_run=False,
+                status="running",
+                stage_reached=1,
+                canary_percent=10.0,
+                started_at=sa.func.now(),
+                active_model=MODEL,
+            )
+        )
+    started = time.monotonic()
+    dag_run = load_dag(tmp_path, monkeypatch, base_spec()).test(run_conf={"candidate_version": "v2"})
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    assert str(dag_run.state) == "failed"
+    assert states["validate_and_lock"] == "failed"
+    assert states["rollback"] == "skipped"  # it never started a rollout, so it touches nothing
+    assert states["report"] == "failed"
+    assert router.get_split(MODEL) == Split(MODEL, "v1", "v5", 10.0)
+    assert time.monotonic() - started < 30

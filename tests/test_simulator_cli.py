@@ -1,0 +1,200 @@
+"""The traffic simulator and the mlcanary command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from conftest import ROOT, Writer, base_spec
+from mlcanary.cli import main
+from mlcanary.routers.base import Split
+from mlcanary.routers.warehouse import WarehouseRouter
+from mlcanary.simulator import Fault, LiveSimulator, SimConfig
+from mlcanary.warehouse.engine import make_engine, utcnow
+from mlcanary.warehouse.schema import create_schema, predictions, resource_metrics
+
+
+def _summary(engine: sa.Engine) -> list[tuple]:
+    p = predictions.c
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(
+                p.model_version, sa.func.count(), sa.func.sum(p.label), sa.func.sum(p.score), sa.func.count(p.label)
+            )
+            .group_by(p.model_version)
+            .order_by(p.model_version)
+        ).all()
+
+
+def test_batch_is_reproducible_with_a_seed(tmp_path: Path, write_batch: Writer) -> None:
+    end = utcnow().replace(microsecond=0)
+    engines = []
+    for name in ("a", "b"):
+        eng = make_engine(f"sqlite:///{tmp_path}/{name}.db")
+        create_schema(eng)
+        write_batch(eng, minutes=3, rate=40, seed=9, end=end)
+        engines.append(eng)
+    assert _summary(engines[0]) == _summary(engines[1])
+    other = make_engine(f"sqlite:///{tmp_path}/c.db")
+    create_schema(other)
+    write_batch(other, minutes=3, rate=40, seed=10, end=end)
+    assert _summary(other) != _summary(engines[0])
+
+
+def test_batch_split_and_label_delay(engine: sa.Engine, write_batch: Writer) -> None:
+    end = write_batch(engine, minutes=10, rate=50, canary_percent=25)
+    rows = {r[0]: r for r in _summary(engine)}
+    share = rows["v2"][1] / (rows["v1"][1] + rows["v2"][1])
+    assert share == pytest.approx(0.25, abs=0.02)
+    with engine.connect() as conn:
+        p = predictions.c
+        late = conn.execute(sa.select(sa.func.count()).where(p.label.is_(None))).scalar()
+        early_unlabelled = conn.execute(
+            sa.select(sa.func.count()).where(p.label.is_(None), p.ts < end - timedelta(seconds=1))
+        ).scalar()
+        assert late > 0 and early_unlabelled == 0  # only the last label delay is still unlabelled
+        assert conn.execute(sa.select(sa.func.count()).select_from(resource_metrics)).scalar() > 0
+
+
+def test_live_follows_the_routing_table_and_labels_arrive_later(engine: sa.Engine) -> None:
+    router = WarehouseRouter(engine)
+    router.set_split(Split("m", "v1", "v2", 40.0), None)
+    sim = LiveSimulator(engine, SimConfig(model="m", seed=1, label_delay=timedelta(seconds=2)), rate=2000)
+    t0 = utcnow()
+    sim.step(t0, t0 + timedelta(seconds=1))
+    first = {r[0]: r for r in _summary(engine)}
+    assert first["v2"][1] / (first["v1"][1] + first["v2"][1]) == pytest.approx(0.4, abs=0.05)
+    assert sum(r[4] for r in first.values()) == 0  # no label has arrived yet
+    router.set_split(Split("m", "v1", "v2", 0.0), None)
+    sim.step(t0 + timedelta(seconds=1), t0 + timedelta(seconds=4))
+    after = {r[0]: r for r in _summary(engine)}
+    assert after["v2"][1] == first["v2"][1]  # at 0 % the canary gets nothing
+    assert after["v2"][4] == first["v2"][1]  # ... and its labels have all arrived
+    assert sim.labels_written >= first["v1"][1] + first["v2"][1]
+
+
+def test_fault_parsing() -> None:
+    f = Fault.parse("v3:latency_ms=300;min_percent=50;segment=user_cohort:new")
+    assert (f.version, f.kind, f.value, f.min_percent, f.segment) == (
+        "v3",
+        "latency_ms",
+        300,
+        50,
+        ("user_cohort", "new"),
+    )
+    for bad, message in [
+        ("v3:latency=300", "kind must be one of"),
+        ("v3", "expected VERSION"),
+        ("v3:cpu=high", "expected VERSION"),
+        ("v3:cpu=0.9;segment=city:x", "segment"),
+        ("v3:cpu=0.9;when=now", "unknown option"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Fault.parse(bad)
+
+
+def _spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(base_spec()))
+    return path
+
+
+def test_cli_analyze_and_guardrails_json(
+    tmp_path: Path, sqlite_url: str, engine: sa.Engine, write_batch: Writer, capsys: pytest.CaptureFixture
+) -> None:
+    end = write_batch(engine, minutes=10, rate=50, faults=("v2:ctr_drop=0.3",))
+    spec = _spec_file(tmp_path)
+    common = ["--spec", str(spec), "--warehouse", sqlite_url, "--baseline-version", "v1", "--canary-version", "v2"]
+    code = main(
+        [
+            "analyze",
+            *common,
+            "--start",
+            (end - timedelta(minutes=10)).isoformat(),
+            "--end",
+            end.isoformat(),
+            "--label-asof",
+            end.isoformat(),
+            "--json",
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1 and out["verdict"] == "FAIL" and out["checks"][0]["segment"] == "*"
+    code = main(["guardrails", *common, "--at", end.isoformat(), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["verdict"] == "PASS" and out["canary"]["requests"] > 0
+
+
+def test_cli_bad_input_is_a_clear_error(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixture) -> None:
+    spec = _spec_file(tmp_path)
+    args = [
+        "analyze",
+        "--spec",
+        str(spec),
+        "--warehouse",
+        sqlite_url,
+        "--baseline-version",
+        "v1",
+        "--canary-version",
+        "v2",
+        "--start",
+        "2026-11-02T00:00:00Z",
+        "--end",
+        "2026-11-01T00:00:00Z",
+    ]
+    assert main(args) == 2
+    assert "--end must be after --start" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([*args[:-4], "--start", "yesterday", "--end", "2026-11-01"])
+    assert exit_.value.code == 2
+    assert "not an ISO 8601 time" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\n")
+    assert main(["validate", str(broken), str(spec)]) == 1
+    assert f"{broken}: model: Field required" in capsys.readouterr().err
+
+
+def test_cli_simulate_batch_then_report(sqlite_url: str, capsys: pytest.CaptureFixture) -> None:
+    end = utcnow()
+    code = main(
+        [
+            "simulate",
+            "batch",
+            "--warehouse",
+            sqlite_url,
+            "--model",
+            "m",
+            "--rate",
+            "20",
+            "--baseline-version",
+            "v1",
+            "--canary-version",
+            "v2",
+            "--canary-percent",
+            "50",
+            "--start",
+            (end - timedelta(minutes=2)).isoformat(),
+            "--end",
+            end.isoformat(),
+            "--json",
+        ]
+    )
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["rows"] > 1500
+    assert main(["report", "--warehouse", sqlite_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_installed_console_script_help() -> None:
+    exe = Path(sys.executable).parent / "mlcanary"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("analyze", "guardrails", "simulate", "report"):
+        assert command in out
+    assert (ROOT / "plugins" / "mlcanary" / "cli.py").exists()
