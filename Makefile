@@ -12,6 +12,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := False
 export AIRFLOW__API__HOST ?= 127.0.0.1
 export AIRFLOW__API__PORT ?= 8080
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL ?= http://$(AIRFLOW__API__HOST):$(AIRFLOW__API__PORT)/execution/
 export MLCANARY_WAREHOUSE ?= sqlite:///$(AIRFLOW_HOME)/warehouse.db
 export AIRFLOW_CONN_MLCANARY_WAREHOUSE ?= {"conn_type": "sqlite", "host": "$(AIRFLOW_HOME)/warehouse.db"}
 export PATH := $(BIN):$(PATH)
