@@ -198,3 +198,39 @@ def test_installed_console_script_help() -> None:
     for command in ("analyze", "guardrails", "simulate", "report"):
         assert command in out
     assert (ROOT / "plugins" / "mlcanary" / "cli.py").exists()
+
+
+def _arm_stats(engine: sa.Engine, where: sa.ColumnElement | None = None) -> dict[str, dict[str, float]]:
+    p = predictions.c
+    positives = sa.func.sum(sa.case((p.label == 1, 1), else_=0))
+    recall_hits = sa.func.sum(sa.case(((p.label == 1) & (p.score >= 0.2), 1), else_=0))  # threshold ~ base CTR
+    stmt = sa.select(
+        p.model_version, sa.func.avg(p.f1), sa.func.avg(p.score), sa.func.avg(p.label), recall_hits * 1.0 / positives
+    ).where(p.label.is_not(None))
+    if where is not None:
+        stmt = stmt.where(where)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt.group_by(p.model_version)).all()
+    return {r[0]: {"f1": r[1], "score": r[2], "label": r[3], "recall": r[4]} for r in rows}
+
+
+@pytest.mark.parametrize(
+    ("fault", "effect"),
+    [
+        ("v2:input_drift=0.5", lambda s, b: s["f1"] - b["f1"] > 0.4),
+        ("v2:miscalibration=0.85", lambda s, b: s["score"] - s["label"] > 0.1 > abs(b["score"] - b["label"])),
+        ("v2:ctr_drop=0.3", lambda s, b: 0.6 < s["label"] / b["label"] < 0.8),
+    ],
+)
+def test_each_fault_shows_in_the_data(engine: sa.Engine, write_batch: Writer, fault: str, effect) -> None:  # type: ignore[no-untyped-def]
+    write_batch(engine, minutes=10, rate=60, canary_percent=50, faults=(fault,))
+    stats = _arm_stats(engine)
+    assert effect(stats["v2"], stats["v1"]), stats
+
+
+def test_recall_drop_hits_only_its_segment(engine: sa.Engine, write_batch: Writer) -> None:
+    write_batch(engine, minutes=10, rate=80, canary_percent=50, faults=("v2:recall_drop=0.3;segment=user_cohort:new",))
+    new = _arm_stats(engine, predictions.c.user_cohort == "new")
+    rest = _arm_stats(engine, predictions.c.user_cohort != "new")
+    assert new["v2"]["recall"] / new["v1"]["recall"] < 0.8  # 30 % of positives demoted
+    assert 0.93 < rest["v2"]["recall"] / rest["v1"]["recall"] < 1.07

@@ -1,0 +1,82 @@
+"""The guardrail trigger on its own, run the way dag.test() runs it: the first event of run()."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import Writer, base_spec
+from mlcanary.spec import parse_spec
+from mlcanary.warehouse.schema import measurements
+from mlcanary_airflow.triggers import GuardrailTrigger
+
+
+def _trigger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bake: float, limit: float) -> GuardrailTrigger:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLCANARY_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "warehouse.db")})
+    )
+    spec = parse_spec(base_spec())
+    return GuardrailTrigger(
+        spec=spec.model_dump(mode="json", by_alias=True),
+        rollout_id="r",
+        stage=1,
+        baseline_version="v1",
+        canary_version="v2",
+        bake_seconds=bake,
+        deadline_epoch=time.time() + limit,
+    )
+
+
+def _first_event(trigger: GuardrailTrigger) -> dict:
+    classpath, kwargs = trigger.serialize()  # rebuilt from its serialized form, as a triggerer does
+    module, name = classpath.rsplit(".", 1)
+    rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
+    return asyncio.run(anext(rebuilt.run())).payload
+
+
+def _polls(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count(sa.distinct(measurements.c.measured_at)))).scalar()
+
+
+def test_no_data_never_bakes_and_the_deadline_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine
+) -> None:
+    started = time.monotonic()
+    event = _first_event(_trigger(tmp_path, monkeypatch, bake=1, limit=3))
+    assert event["status"] == "timeout"
+    assert "deadline passed with 0 s of 1 s baked healthy" in event["reason"]
+    assert "no data" in event["reason"]
+    assert 2 <= time.monotonic() - started < 6
+    assert _polls(engine) == event["polls"] >= 3
+
+
+def test_breach_ends_at_the_first_failing_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer
+) -> None:
+    write_batch(engine, minutes=1, rate=200, faults=("v2:latency_ms=400",))
+    started = time.monotonic()
+    event = _first_event(_trigger(tmp_path, monkeypatch, bake=30, limit=60))
+    assert event["status"] == "breach" and event["polls"] == 1
+    assert event["reason"].startswith("p99_latency_ms")
+    assert time.monotonic() - started < 3
+
+
+def test_healthy_after_a_full_bake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer
+) -> None:
+    from datetime import timedelta
+
+    from mlcanary.warehouse.engine import utcnow
+
+    # traffic up to 30 s ahead, so the sliding window keeps seeing requests while the stage bakes
+    write_batch(engine, minutes=1.5, rate=200, end=utcnow() + timedelta(seconds=30))
+    event = _first_event(_trigger(tmp_path, monkeypatch, bake=2, limit=20))
+    assert event["status"] == "healthy"
+    assert event["healthy_seconds"] >= 2 and event["polls"] >= 3
