@@ -47,7 +47,7 @@ ui: $(VENV)/.runtime  ## Airflow UI on http://127.0.0.1:8080 with the simulator 
 	@mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/mlcanary init --warehouse $(MLCANARY_WAREHOUSE)
 	$(BIN)/mlcanary simulate live --warehouse $(MLCANARY_WAREHOUSE) --model demo-ranker --rate 300 \
-	    --label-delay 2s --baseline-version v1 --fault "v3:latency_ms=300;min_percent=50" \
+	    --error-rate 0.0005 --label-delay 2s --baseline-version v1 --fault "v3:latency_ms=300;min_percent=50" \
 	    --fault "v4:ctr_drop=0.3" > $(AIRFLOW_HOME)/simulator.log 2>&1 & \
 	  sim=$$!; trap "kill $$sim" EXIT; \
 	  echo "simulator running (log: $(AIRFLOW_HOME)/simulator.log)"; \

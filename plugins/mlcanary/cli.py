@@ -129,6 +129,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = SimConfig(
         model=args.model,
         base_ctr=args.base_ctr,
+        error_rate=args.error_rate,
         seed=args.seed,
         faults=args.fault,
         label_delay=timedelta(seconds=args.label_delay),
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=200.0, help="requests per second (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-ctr", type=float, default=0.2)
+    p.add_argument("--error-rate", type=float, default=0.001, help="baseline share of failed requests")
     p.add_argument("--label-delay", type=_seconds, default=5.0, help="e.g. 5s, 10m (default 5s)")
     p.add_argument(
         "--fault",

@@ -57,6 +57,15 @@ def measure_arm(conn: Connection, spec: RolloutSpec, version: str, start: dateti
     return ArmHealth(n, ok / n if n else None, p99, samples, cpu, mem)
 
 
+@dataclass(frozen=True)
+class _Limit:
+    name: str
+    limit: float | None
+    upper: bool  # the value must stay below the limit (else: at or above it)
+    unit: str  # "%" or "ms"
+    samples: str  # which count is the evidence: "requests" or "resource_samples"
+
+
 def evaluate_guardrails(
     conn: Connection,
     spec: RolloutSpec,
@@ -72,93 +81,53 @@ def evaluate_guardrails(
     start, end = at - g.window, at
     canary = measure_arm(conn, spec, canary_version, start, end)
     baseline = measure_arm(conn, spec, baseline_version, start, end) if baseline_version else None
-    enough = canary.requests >= g.min_requests
-    no_requests = f"no data: {canary.requests} requests < minimum {g.min_requests}"
+    limits = [
+        _Limit("success_rate", g.success_rate_min, False, "%", "requests"),
+        _Limit("p99_latency_ms", g.p99_latency_ms_max, True, "ms", "requests"),
+        _Limit("cpu", g.cpu_max, True, "%", "resource_samples"),
+        _Limit("memory", g.memory_max, True, "%", "resource_samples"),
+    ]
     checks: list[CheckResult] = []
-
-    def add(
-        name: str,
-        value: float | None,
-        base: float | None,
-        limit: float,
-        ok: bool | None,
-        have: bool,
-        missing: str,
-        text: str,
-        n: int,
-    ) -> None:
-        if not have or value is None:
-            verdict, reason = Verdict.INCONCLUSIVE, f"{name}: {missing}"
+    for lim in limits:
+        if lim.limit is None:
+            continue
+        value: float | None = getattr(canary, lim.name)
+        n: int = getattr(canary, lim.samples)
+        enough = n >= g.min_requests if lim.samples == "requests" else n > 0
+        if not enough or value is None:
+            verdict = Verdict.INCONCLUSIVE
+            reason = (
+                f"{lim.name}: no data: {n} requests < minimum {g.min_requests}"
+                if lim.samples == "requests"
+                else f"{lim.name}: no data: no resource samples"
+            )
         else:
+            ok = value < lim.limit if lim.upper else value >= lim.limit
             verdict = Verdict.PASS if ok else Verdict.FAIL
-            reason = f"{name} {text} (n={n})"
+            sign = ("<" if ok else ">=") if lim.upper else (">=" if ok else "<")
+            reason = f"{lim.name} {_fmt(value, lim.unit)} {sign} {_fmt(lim.limit, lim.unit)} (n={n})"
         checks.append(
             CheckResult(
-                "guardrail",
-                name,
-                "*",
-                verdict,
-                reason,
-                start,
-                end,
-                value,
-                base,
-                n,
-                None if baseline is None else baseline.requests,
-                limit,
+                tier="guardrail",
+                check=lim.name,
+                segment="*",
+                verdict=verdict,
+                reason=reason,
+                window_start=start,
+                window_end=end,
+                canary_value=value,
+                baseline_value=None if baseline is None else getattr(baseline, lim.name),
+                canary_n=n,
+                baseline_n=None if baseline is None else getattr(baseline, lim.samples),
+                threshold=lim.limit,
             )
         )
-
-    if g.success_rate_min is not None:
-        v = canary.success_rate
-        add(
-            "success_rate",
-            v,
-            baseline and baseline.success_rate,
-            g.success_rate_min,
-            v is not None and v >= g.success_rate_min,
-            enough,
-            no_requests,
-            f"{_pct(v)} {'>=' if v is not None and v >= g.success_rate_min else '<'} {_pct(g.success_rate_min)}",
-            canary.requests,
-        )
-    if g.p99_latency_ms_max is not None:
-        v = canary.p99_latency_ms
-        add(
-            "p99_latency_ms",
-            v,
-            baseline and baseline.p99_latency_ms,
-            g.p99_latency_ms_max,
-            v is not None and v < g.p99_latency_ms_max,
-            enough,
-            no_requests,
-            f"{_num(v)} ms {'<' if v is not None and v < g.p99_latency_ms_max else '>='} {g.p99_latency_ms_max:g} ms",
-            canary.requests,
-        )
-    for name, v, base, limit in (
-        ("cpu", canary.cpu, baseline and baseline.cpu, g.cpu_max),
-        ("memory", canary.memory, baseline and baseline.memory, g.memory_max),
-    ):
-        if limit is None:
-            continue
-        add(
-            name,
-            v,
-            base,
-            limit,
-            v is not None and v < limit,
-            canary.resource_samples > 0,
-            "no data: no resource samples",
-            f"{_pct(v)} {'<' if v is not None and v < limit else '>='} {_pct(limit)}",
-            canary.resource_samples,
-        )
     verdict = combine(checks)
-    return GuardrailResult(verdict, first_reason(checks, verdict), start, end, canary, baseline, checks)
+    reason = (
+        "healthy: " + "; ".join(c.reason for c in checks) if verdict is Verdict.PASS else first_reason(checks, verdict)
+    )
+    return GuardrailResult(verdict, reason, start, end, canary, baseline, checks)
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f} %"
-
-
-def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1f}"
+def _fmt(value: float, unit: str) -> str:
+    return f"{100 * value:.2f} %" if unit == "%" else f"{value:.1f} ms"
