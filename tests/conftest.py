@@ -83,6 +83,16 @@ def engine(sqlite_url: str) -> sa.Engine:
     return eng
 
 
+@pytest.fixture
+def duckdb_engine(tmp_path: Path) -> sa.Engine:
+    """A DuckDB file with the contract's predictions table (DuckDB has no autoincrement for the audit tables)."""
+    from mlcanary.warehouse.schema import metadata, predictions
+
+    eng = make_engine(f"duckdb:///{tmp_path}/warehouse.duckdb")
+    metadata.create_all(eng, tables=[predictions])
+    return eng
+
+
 def _pg_available() -> str | None:
     try:
         eng = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})

@@ -98,14 +98,14 @@ def test_small_samples_are_inconclusive_never_pass(engine: sa.Engine, spec: Roll
     now = write_batch(engine, minutes=1, rate=10)
     result = _analyze(engine, spec, now)
     assert result.verdict is Verdict.INCONCLUSIVE
-    assert all(c.verdict is Verdict.INCONCLUSIVE for c in result.checks)
+    assert all(c.verdict is Verdict.INCONCLUSIVE for c in result.checks)  # the drift checks too
     assert "too few labelled samples" in result.reason
 
 
 def test_no_data_at_all_is_inconclusive(engine: sa.Engine, spec: RolloutSpec) -> None:
     result = _analyze(engine, spec, utcnow())
     assert result.verdict is Verdict.INCONCLUSIVE
-    assert [c.segment for c in result.checks] == ["*"]
+    assert [(c.check, c.segment) for c in result.checks] == [("ctr", "*"), ("output_drift", "*")]
 
 
 def test_gate_is_on_the_interval_not_the_point_estimate(engine: sa.Engine, write_batch: Writer) -> None:
@@ -162,3 +162,148 @@ def test_prediction_error_critical_segment(engine: sa.Engine, write_batch: Write
     assert web.verdict is Verdict.FAIL and web.threshold == pytest.approx(1.05)
     assert web.required
     assert result.verdict is Verdict.FAIL
+
+
+def _spec_with(metrics: list[dict], **analysis: object) -> RolloutSpec:
+    base = base_spec()["analysis"]
+    return parse_spec(base_spec(analysis={**base, "metrics": metrics, "min_samples": 500, **analysis}))
+
+
+def _insert_confusion(engine: sa.Engine, version: str, cohort: str, tp: int, fn: int, fp: int, tn: int, end) -> None:  # type: ignore[no-untyped-def]
+    """Rows with a given confusion matrix at threshold 0.5 (scores 0.8 / 0.2)."""
+    from mlcanary.warehouse.schema import predictions
+
+    rows = []
+    for count, label, score in ((tp, 1.0, 0.8), (fn, 1.0, 0.2), (fp, 0.0, 0.8), (tn, 0.0, 0.2)):
+        for i in range(count):
+            ts = end - timedelta(minutes=5, seconds=i % 240)
+            rows.append(
+                dict(
+                    request_id=f"{version}-{cohort}-{label}-{score}-{i}",
+                    ts=ts,
+                    model="unit-ranker",
+                    model_version=version,
+                    user_cohort=cohort,
+                    score=score,
+                    label=label,
+                    label_ts=ts + timedelta(seconds=1),
+                    latency_ms=50.0,
+                    success=1,
+                )
+            )
+    with engine.begin() as conn:
+        conn.execute(sa.insert(predictions), rows)
+
+
+def test_field_case_precision_up_while_new_user_recall_falls(engine: sa.Engine) -> None:
+    """research/DESIGN: overall precision 0.82 → 0.85 while recall for new users falls 0.60 → 0.45: FAIL."""
+    end = utcnow()
+    # baseline: new recall 1200/2000 = 0.60, returning 6000/8000; precision 7200/8780 = 0.82
+    _insert_confusion(engine, "v1", "new", 1200, 800, 316, 4000, end)
+    _insert_confusion(engine, "v1", "returning", 6000, 2000, 1264, 16000, end)
+    # canary: new recall 900/2000 = 0.45, returning 6300/8000; precision 7200/8470 = 0.85
+    _insert_confusion(engine, "v2", "new", 900, 1100, 254, 4000, end)
+    _insert_confusion(engine, "v2", "returning", 6300, 1700, 1016, 16000, end)
+    spec = _spec_with(
+        [
+            {"name": "precision", "kind": "precision", "threshold": 0.5, "tolerance": 0.05},
+            {"name": "recall", "kind": "recall", "threshold": 0.5, "tolerance": 0.05},
+        ]
+    )
+    result = _analyze(engine, spec, end)
+    by = {(c.check, c.segment): c for c in result.checks}
+    assert by[("precision", "*")].baseline_value == pytest.approx(0.82, abs=1e-3)
+    assert by[("precision", "*")].canary_value == pytest.approx(0.85, abs=1e-3)
+    assert by[("precision", "*")].verdict is Verdict.PASS
+    recall_new = by[("recall", "user_cohort=new")]
+    assert (recall_new.baseline_value, recall_new.canary_value) == pytest.approx((0.60, 0.45))
+    assert recall_new.verdict is Verdict.FAIL
+    assert result.verdict is Verdict.FAIL
+    assert "recall for user_cohort=new fell 0.6 → 0.45" in result.reason and "tolerance 5 %" in result.reason
+
+
+def test_miscalibrated_canary_fails_calibration(engine: sa.Engine, write_batch: Writer) -> None:
+    """A canary that predicts ~70 % where ~50 % is observed (logit +0.85) must FAIL."""
+    now = write_batch(engine, minutes=10, rate=60, canary_percent=40, faults=("v2:miscalibration=0.85",), base_ctr=0.5)
+    spec = _spec_with(
+        [
+            {"name": "calibration", "kind": "calibration", "tolerance": 0.05},
+            {"name": "ece", "kind": "ece", "tolerance": 0.05},
+        ]
+    )
+    result = _analyze(engine, spec, now)
+    by = {(c.check, c.segment): c for c in result.checks}
+    cal = by[("calibration", "*")]
+    assert cal.verdict is Verdict.FAIL and abs(cal.canary_value) > 0.12 > 0.03 > abs(cal.baseline_value)
+    assert by[("ece", "*")].verdict is Verdict.FAIL
+    assert result.verdict is Verdict.FAIL
+
+
+def test_calibrated_canary_passes_calibration(engine: sa.Engine, write_batch: Writer) -> None:
+    now = write_batch(engine, minutes=20, rate=60, canary_percent=50, base_ctr=0.5)
+    spec = _spec_with([{"name": "calibration", "kind": "calibration", "tolerance": 0.05}], segments=[])
+    result = _analyze(engine, spec, now)
+    assert result.checks[0].verdict is Verdict.PASS, result.checks[0].reason
+
+
+def test_auc_drop_fails_and_equal_models_do_not(engine: sa.Engine, write_batch: Writer) -> None:
+    now = write_batch(engine, minutes=20, rate=60, canary_percent=50, faults=("v2:recall_drop=0.3",))
+    spec = _spec_with([{"name": "auc", "kind": "auc", "tolerance": 0.02}], segments=[])
+    bad = _analyze(engine, spec, now).checks[0]
+    assert bad.verdict is Verdict.FAIL and bad.canary_value < bad.baseline_value - 0.05
+    assert "AUC" in bad.reason
+
+
+def test_auc_of_equal_models_is_not_a_fail(engine: sa.Engine, write_batch: Writer) -> None:
+    now = write_batch(engine, minutes=20, rate=60, canary_percent=50)
+    spec = _spec_with([{"name": "auc", "kind": "auc", "tolerance": 0.02}], segments=[])
+    check = _analyze(engine, spec, now).checks[0]
+    assert check.verdict is Verdict.PASS and abs(check.canary_value - check.baseline_value) < 0.02
+
+
+def test_input_drift_makes_the_comparison_invalid(engine: sa.Engine, write_batch: Writer) -> None:
+    now = write_batch(engine, minutes=10, rate=60, canary_percent=40, faults=("v2:input_drift=0.8",))
+    spec = _spec_with([{"name": "ctr", "tolerance": 0.1}], drift={"features": ["f1", "f2"]})
+    result = _analyze(engine, spec, now)
+    by = {c.check: c for c in result.checks if c.segment == "*"}
+    assert by["input_drift_f1"].verdict is Verdict.INVALID and by["input_drift_f1"].canary_value > 0.2
+    assert by["input_drift_f2"].verdict is Verdict.PASS
+    assert result.verdict is Verdict.INVALID
+    assert "comparison invalid" in result.reason
+
+
+def test_output_drift_is_reported_not_gating_by_default(engine: sa.Engine, write_batch: Writer) -> None:
+    now = write_batch(engine, minutes=10, rate=60, canary_percent=40, faults=("v2:miscalibration=1.5",))
+    report = _analyze(engine, _spec_with([{"name": "ctr", "tolerance": 0.1}], segments=[]), now)
+    out = next(c for c in report.checks if c.check == "output_drift")
+    assert out.verdict is Verdict.FAIL and not out.gating
+    assert report.verdict is not Verdict.FAIL
+    gating = _analyze(
+        engine, _spec_with([{"name": "ctr", "tolerance": 0.1}], segments=[], drift={"output": "fail"}), now
+    )
+    assert gating.verdict is Verdict.FAIL
+
+
+def test_aggregate_improves_while_a_segment_degrades_is_flagged(engine: sa.Engine, write_batch: Writer) -> None:
+    now = write_batch(
+        engine,
+        minutes=30,
+        rate=120,
+        canary_percent=50,
+        faults=("v2:ctr_drop=-0.15", "v2:ctr_drop=0.35;segment=user_cohort:new"),
+    )
+    result = _analyze(engine, _spec_with([{"name": "ctr", "tolerance": 0.05}]), now)
+    overall = next(c for c in result.checks if c.segment == "*")
+    assert overall.canary_value > overall.baseline_value
+    assert result.flags == ["ctr improves overall while user_cohort=new (FAIL) degrades beyond tolerance"]
+    assert result.verdict is Verdict.FAIL and "improves overall" in result.reason
+
+
+def test_sequential_interval_is_wider_than_the_fixed_one(engine: sa.Engine, write_batch: Writer) -> None:
+    now = write_batch(engine, minutes=10, rate=60)
+    seq = _analyze(engine, _spec_with([{"name": "ctr", "tolerance": 0.1}], segments=[]), now).checks[0]
+    fixed = _analyze(
+        engine, _spec_with([{"name": "ctr", "tolerance": 0.1}], segments=[], sequential=False), now
+    ).checks[0]
+    assert seq.ci_high - seq.ci_low > 1.3 * (fixed.ci_high - fixed.ci_low)
+    assert "CS" in seq.reason and "CI" in fixed.reason

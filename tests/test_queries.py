@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from mlcanary.warehouse.queries import OVERALL, labelled_sums, latency_quantile, mapped_table, request_counts
+from mlcanary.warehouse.queries import (
+    OVERALL,
+    bin_index,
+    binned_aggregates,
+    latency_quantile,
+    mapped_table,
+    quantile_edges,
+    request_counts,
+)
 from mlcanary.warehouse.schema import predictions
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)
@@ -26,9 +34,11 @@ COLUMNS = {
 }
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "duckdb"])
 def any_engine(request: pytest.FixtureRequest) -> sa.Engine:
-    return request.getfixturevalue("engine" if request.param == "sqlite" else "pg_engine")
+    return request.getfixturevalue(
+        {"sqlite": "engine", "postgres": "pg_engine", "duckdb": "duckdb_engine"}[request.param]
+    )
 
 
 def _frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
@@ -74,28 +84,67 @@ def test_counts_and_interpolated_p99_match_numpy(any_engine: sa.Engine) -> None:
         assert request_counts(conn, t, "m", "v9", start, end) == (0, 0)
 
 
-def test_labelled_sums_match_a_pandas_groupby(any_engine: sa.Engine) -> None:
-    df = _frame(seed=5)
+def test_quantile_edges_and_bins_match_numpy(any_engine: sa.Engine) -> None:
+    df = _frame(n=2000, seed=2)
     _load(any_engine, df)
-    t = mapped_table("predictions", None, COLUMNS, extra=["user_cohort"])
-    start, end, asof = T0, T0 + timedelta(seconds=400), T0 + timedelta(seconds=420)
-    label, score = t.col("label"), t.col("score")
-    values = {"label": sa.cast(label, sa.Float), "abs_error": sa.func.abs(score - label)}
+    t = mapped_table("predictions", None, COLUMNS)
+    start, end = T0, T0 + timedelta(seconds=600)
     with any_engine.connect() as conn:
-        got = labelled_sums(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], values)
+        edges = quantile_edges(conn, t, "m", "v1", start, end, t.col("score"), 10, 100_000)
+        sample = quantile_edges(conn, t, "m", "v1", start, end, t.col("score"), 10, 200)
+    scores = np.sort(df[df.model_version == "v1"].score.to_numpy())
+    tiles = np.array_split(scores, 10)  # NTILE: the first tiles take the remainder
+    assert edges == pytest.approx([tile.max() for tile in tiles[:-1]])
+    latest = df[df.model_version == "v1"].sort_values("ts").score.to_numpy()[-200:]
+    assert sample == pytest.approx([t.max() for t in np.array_split(np.sort(latest), 10)[:-1]])
+
+
+def test_binned_aggregates_match_a_pandas_groupby(any_engine: sa.Engine) -> None:
+    df = _frame(seed=5)
+    df["f1"] = np.random.default_rng(1).normal(size=len(df))
+    _load(any_engine, df)
+    t = mapped_table("predictions", None, COLUMNS, extra=["user_cohort", "f1"])
+    start, end, asof = T0, T0 + timedelta(seconds=400), T0 + timedelta(seconds=420)
+    edges, f_edges = [0.2, 0.5, 0.9], [-1.0, 0.0, 1.0]
+    with any_engine.connect() as conn:
+        got = binned_aggregates(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges, {"f1": f_edges})
     sel = df[(df.ts >= start) & (df.ts < end) & df.label.notna() & (df.label_ts <= asof)].copy()
-    sel["abs_error"] = (sel.score - sel.label).abs()
+    sel["bin"] = np.searchsorted(edges, sel.score, side="right")
+    sel["fbin"] = np.searchsorted(f_edges, sel.f1, side="right")
+    sel["d"] = sel.score - sel.label
     expected = {}
-    for version, g in sel.groupby("model_version"):
-        expected[(version, OVERALL, OVERALL)] = g
-        for cohort, gg in g.dropna(subset=["user_cohort"]).groupby("user_cohort"):
-            expected[(version, "user_cohort", cohort)] = gg
-    assert {(s.version, s.column, s.value) for s in got} == set(expected)
-    for s in got:
-        g = expected[(s.version, s.column, s.value)]
-        assert s.n == len(g)
-        assert s.sums["label"] == pytest.approx((g.label.sum(), (g.label**2).sum()))
-        assert s.sums["abs_error"] == pytest.approx((g.abs_error.sum(), (g.abs_error**2).sum()))
+    for (version, b), g in sel.groupby(["model_version", "bin"]):
+        expected[("segment", version, OVERALL, OVERALL, b)] = g
+    for (version, cohort, b), g in sel.dropna(subset=["user_cohort"]).groupby(["model_version", "user_cohort", "bin"]):
+        expected[("segment", version, "user_cohort", cohort, b)] = g
+    for (version, b), g in sel.groupby(["model_version", "fbin"]):
+        expected[("feature", version, "f1", OVERALL, b)] = g
+    assert {(r["kind"], r["version"], r["column"], r["value"], r["bin"]) for r in got} == set(expected)
+    for r in got:
+        g = expected[(r["kind"], r["version"], r["column"], r["value"], r["bin"])]
+        assert r["n"] == len(g)
+        if r["kind"] == "segment":
+            want = [
+                g.label.sum(),
+                (g.label**2).sum(),
+                g.score.sum(),
+                (g.score**2).sum(),
+                (g.score * g.label).sum(),
+                g.d.abs().sum(),
+                (g.d**2).sum(),
+                (g.d**4).sum(),
+            ]
+            assert [r[k] for k in ("y", "y2", "s", "s2", "sy", "ad", "d2", "d4")] == pytest.approx(want)
+
+
+def test_bin_index_puts_edges_in_the_upper_bin(engine: sa.Engine) -> None:
+    edges = [0.1, 0.2, 0.3, 0.5, 0.8]
+    values = [-5.0, 0.1, 0.15, 0.2, 0.49, 0.5, 0.8, 9.0]
+    with engine.connect() as conn:
+        got = [conn.execute(sa.select(bin_index(sa.literal(v), edges))).scalar() for v in values]
+        null_bin = conn.execute(sa.select(bin_index(sa.null(), edges))).scalar()
+    assert got == list(np.searchsorted(edges, values, side="right"))
+    assert null_bin == -1
 
 
 def test_spec_identifiers_are_quoted_not_spliced(engine: sa.Engine) -> None:

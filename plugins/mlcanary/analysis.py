@@ -1,27 +1,40 @@
 """Slow ML analysis: baseline vs canary on label-complete data, overall and per segment.
 
-Every check tests the canary against the spec's tolerance, not the point estimate: a CTR 6 % below the
-baseline is FAIL only once the whole confidence interval lies beyond the tolerance, PASS only once it
-lies within it, and INCONCLUSIVE in between or with too few samples.
+Every check tests the canary against the spec's tolerance, not against the point estimate:
+- FAIL: the interval lies beyond the tolerance (after the multiple-comparison correction across the
+  metric's segments);
+- PASS: the interval lies within the tolerance;
+- INCONCLUSIVE: the interval straddles the tolerance, or there are too few samples;
+- INVALID: the arms' inputs differ (drift); the comparison itself cannot be trusted.
+
+The interval is an anytime-valid confidence sequence unless the spec turns ``sequential`` off.
+All numbers come from two small warehouse queries (bin edges, then one GROUPING SETS aggregate):
+pandas and numpy only see the aggregates.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
+import numpy as np
+import pandas as pd
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import ColumnElement
 
 from mlcanary.spec import MetricSpec, RolloutSpec
-from mlcanary.stats.rates import RateRatio, mean_ratio, rate_ratio
+from mlcanary.stats.auc import auc_from_bins
+from mlcanary.stats.calibration import ece_from_bins, ece_standard_error
+from mlcanary.stats.drift import drift
+from mlcanary.stats.gate import Evidence, weigh
+from mlcanary.stats.multiple import reject
+from mlcanary.stats.rates import LogRatio, mean_log_ratio, rate_log_ratio
 from mlcanary.tables import predictions_table
 from mlcanary.verdict import CheckResult, Verdict, combine, first_reason
 from mlcanary.warehouse import queries
-from mlcanary.warehouse.queries import OVERALL, MappedTable, SegmentSums
+from mlcanary.warehouse.queries import OVERALL
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class AnalysisResult:
     canary_version: str
     window: AnalysisWindow
     checks: list[CheckResult]
+    flags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,8 +72,31 @@ class AnalysisResult:
             "window_start": self.window.start.isoformat(),
             "window_end": self.window.end.isoformat(),
             "label_asof": self.window.label_asof.isoformat(),
+            "flags": self.flags,
             "checks": [c.to_dict() for c in self.checks],
         }
+
+
+@dataclass(frozen=True)
+class _Arm:
+    """One version's bins for one segment: arrays over the score bins (NULL scores excluded)."""
+
+    totals: dict[str, float]  # the sums over every row, NULL scores included
+    bins: dict[str, np.ndarray]  # per score bin, bins -1 (NULL score) excluded
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    """A metric's comparison as the tests need it: theta and SE on the test scale, and the bound."""
+
+    canary: float | None
+    baseline: float | None
+    theta: float
+    se: float
+    bound: float
+    n: float
+    to_display: Callable[[float], float]  # test scale -> the scale the reason shows
+    unit: str  # "relative" or "absolute"
 
 
 def analyze(
@@ -69,10 +106,17 @@ def analyze(
     canary_version: str,
     window: AnalysisWindow,
 ) -> AnalysisResult:
-    """Run every metric of the spec, overall and per segment, from one aggregate query."""
+    """Run every metric of the spec, overall and per segment, and the drift checks."""
     a = spec.analysis
-    table = predictions_table(spec, extra=a.segments)
-    sums = queries.labelled_sums(
+    table = predictions_table(spec, extra=[*a.segments, *a.drift.features])
+    args = (conn, table, spec.model, baseline_version, window.start, window.end)
+    score_edges = queries.quantile_edges(*args, table.col("score"), a.score_bins, a.edge_sample)
+    thresholds = {m.threshold for m in a.metrics if m.kind in ("precision", "recall")}
+    score_edges = sorted(set(score_edges) | thresholds)
+    feature_edges = {
+        f: queries.quantile_edges(*args, table.col(f), a.drift.bins, a.edge_sample) for f in a.drift.features
+    }
+    rows = queries.binned_aggregates(
         conn,
         table,
         spec.model,
@@ -81,76 +125,162 @@ def analyze(
         window.end,
         window.label_asof,
         a.segments,
-        {m.value: _value_expression(table, m.value) for m in a.metrics},
+        score_edges,
+        feature_edges,
     )
-    by_key: dict[tuple[str, str, str], SegmentSums] = {(s.version, s.column, s.value): s for s in sums}
-    groups = sorted({(s.column, s.value) for s in sums} | {(OVERALL, OVERALL)}, key=lambda g: (g[0] != OVERALL, g))
+    frame = pd.DataFrame(rows, columns=["kind", "version", "column", "value", "bin", *queries.BIN_MEASURES])
+    segments = frame[frame.kind == "segment"]
+    arms = {
+        (version, column, value): _arm(group, len(score_edges))
+        for (version, column, value), group in segments.groupby(["version", "column", "value"])
+    }
+    groups = sorted({(c, v) for _, c, v in arms} | {(OVERALL, OVERALL)}, key=lambda g: (g[0] != OVERALL, g))
     critical = {(c.column, c.value): c.tolerance for c in a.critical_segments}
-    for key in critical:  # a critical segment with no data at all is still reported
-        if key not in groups:
-            groups.append(key)
+    groups += [g for g in critical if g not in groups]
     checks: list[CheckResult] = []
+    flags: list[str] = []
     for metric in a.metrics:
-        for column, value in groups:
-            overall = column == OVERALL
-            tolerance = critical.get((column, value), metric.tolerance)
-            checks.append(
-                _ratio_check(
-                    metric,
-                    column,
-                    value,
-                    tolerance,
-                    a.alpha,
-                    a.min_samples,
-                    window,
-                    by_key.get((baseline_version, column, value)),
-                    by_key.get((canary_version, column, value)),
-                    required=metric.critical and (overall or (column, value) in critical),
-                    gating=metric.critical,
-                )
+        mine = [
+            _check(
+                spec,
+                metric,
+                column,
+                value,
+                score_edges,
+                window,
+                arms.get((baseline_version, column, value)),
+                arms.get((canary_version, column, value)),
+                critical.get((column, value)),
             )
+            for column, value in groups
+        ]
+        mine = _correct(mine, a.alpha, a.correction)
+        checks += [c for c, _ in mine]
+        flags += _simpson(metric, [c for c, _ in mine])
+    checks += _drift_checks(spec, frame, segments, baseline_version, canary_version, score_edges, window)
     verdict = combine(checks)
-    return AnalysisResult(verdict, first_reason(checks, verdict), baseline_version, canary_version, window, checks)
+    reason = first_reason(checks, verdict)
+    if flags:
+        reason += "; " + flags[0]
+    return AnalysisResult(verdict, reason, baseline_version, canary_version, window, checks, flags)
 
 
-def _value_expression(t: MappedTable, value: str) -> ColumnElement:
-    score, label = t.col("score"), t.col("label")
-    return {
-        "label": sa.cast(label, sa.Float),
-        "score": sa.cast(score, sa.Float),
-        "abs_error": sa.func.abs(score - label),
-        "squared_error": (score - label) * (score - label),
-    }[value]
+def _arm(group: pd.DataFrame, n_edges: int) -> _Arm:
+    totals = {k: float(group[k].sum()) for k in queries.BIN_MEASURES}
+    scored = group[group.bin >= 0]
+    bins = {}
+    for k in queries.BIN_MEASURES:
+        arr = np.zeros(n_edges + 1)
+        np.add.at(arr, scored.bin.to_numpy(dtype=int), scored[k].to_numpy(dtype=float))
+        bins[k] = arr
+    return _Arm(totals, bins)
 
 
-def _compare(metric: MetricSpec, base: SegmentSums, canary: SegmentSums, alpha: float) -> RateRatio:
-    s_b, q_b = base.sums[metric.value]
-    s_c, q_c = canary.sums[metric.value]
-    if metric.kind == "rate":
-        return rate_ratio(s_c, canary.n, s_b, base.n, alpha)
-    return mean_ratio(canary.n, s_c, q_c, base.n, s_b, q_b, alpha)
+_SUMS = {
+    "label": ("y", "y2", False),
+    "score": ("s", "s2", True),
+    "abs_error": ("ad", "d2", True),
+    "squared_error": ("d2", "d4", True),
+}
 
 
-def _ratio_check(
+def _compare(metric: MetricSpec, tolerance: float, edges: list[float], base: _Arm, can: _Arm) -> _Comparison:
+    """The metric for both arms, as an estimate on its test scale with a standard error."""
+    if metric.relative:
+        bound = math.log(1 - tolerance) if metric.better_up else math.log(1 + tolerance)
+        if metric.kind == "rate":
+            r = rate_log_ratio(can.totals["y"], int(can.totals["n"]), base.totals["y"], int(base.totals["n"]))
+            n = can.totals["n"] + base.totals["n"]
+        elif metric.kind == "mean":
+            s, q, scored = _SUMS[metric.value]
+
+            def moments(arm: _Arm) -> tuple[int, float, float]:
+                if scored:
+                    return int(arm.bins["n"].sum()), float(arm.bins[s].sum()), float(arm.bins[q].sum())
+                return int(arm.totals["n"]), arm.totals[s], arm.totals[q]
+
+            (n_c, s_c, q_c), (n_b, s_b, q_b) = moments(can), moments(base)
+            r, n = mean_log_ratio(n_c, s_c, q_c, n_b, s_b, q_b), n_c + n_b
+        else:  # precision / recall at the threshold: bins from the threshold's edge up are "positive"
+            first = edges.index(metric.threshold) + 1
+
+            def counts(arm: _Arm) -> tuple[float, float]:
+                tp = float(arm.bins["y"][first:].sum())
+                denominator = arm.bins["n"][first:].sum() if metric.kind == "precision" else arm.bins["y"].sum()
+                return tp, float(denominator)
+
+            (x_c, d_c), (x_b, d_b) = counts(can), counts(base)
+            r, n = rate_log_ratio(x_c, int(d_c), x_b, int(d_b)), d_c + d_b
+        return _ratio(r, bound, n)
+    if metric.kind == "auc":
+        c = auc_from_bins(can.bins["y"], can.bins["n"] - can.bins["y"])
+        b = auc_from_bins(base.bins["y"], base.bins["n"] - base.bins["y"])
+        return _Comparison(
+            c.auc,
+            b.auc,
+            c.auc - b.auc,
+            math.sqrt(c.variance + b.variance),
+            -tolerance,
+            can.bins["n"].sum() + base.bins["n"].sum(),
+            lambda x: x,
+            "absolute",
+        )
+    if metric.kind == "calibration":  # how much further the canary's mean score is from its mean label
+
+        def citl(arm: _Arm) -> tuple[float, float, float]:
+            n = arm.bins["n"].sum()
+            if n < 2:
+                return math.nan, math.nan, n
+            gap = (arm.bins["s"].sum() - arm.bins["y"].sum()) / n
+            var = max(arm.bins["d2"].sum() / n - gap * gap, 0.0) * n / (n - 1)
+            return gap, var / n, n
+
+        (g_c, v_c, n_c), (g_b, v_b, n_b) = citl(can), citl(base)
+        return _Comparison(
+            g_c, g_b, abs(g_c) - abs(g_b), math.sqrt(v_c + v_b), tolerance, n_c + n_b, lambda x: x, "absolute"
+        )
+
+    # ece
+    def ece(arm: _Arm) -> tuple[float, float]:
+        bins = arm.bins
+        diff_sum = bins["s"] - bins["y"]
+        return ece_from_bins(bins["n"], bins["s"], bins["y"]), ece_standard_error(bins["n"], diff_sum, bins["d2"])
+
+    (e_c, se_c), (e_b, se_b) = ece(can), ece(base)
+    return _Comparison(
+        e_c,
+        e_b,
+        e_c - e_b,
+        math.sqrt(se_c**2 + se_b**2),
+        tolerance,
+        can.bins["n"].sum() + base.bins["n"].sum(),
+        lambda x: x,
+        "absolute",
+    )
+
+
+def _ratio(r: LogRatio, bound: float, n: float) -> _Comparison:
+    return _Comparison(r.canary, r.baseline, r.theta, r.se, bound, n, math.exp, "relative")
+
+
+def _check(
+    spec: RolloutSpec,
     metric: MetricSpec,
     column: str,
     value: str,
-    tolerance: float,
-    alpha: float,
-    min_samples: int,
+    edges: list[float],
     window: AnalysisWindow,
-    base: SegmentSums | None,
-    canary: SegmentSums | None,
-    *,
-    required: bool,
-    gating: bool,
-) -> CheckResult:
-    segment = OVERALL if column == OVERALL else f"{column}={value}"
-    where = "" if column == OVERALL else f" for {segment}"
-    n_b, n_c = (base.n if base else 0), (canary.n if canary else 0)
-    x_b = base.sums[metric.value][0] if base else 0.0
-    x_c = canary.sums[metric.value][0] if canary else 0.0
-    bound = 1 - tolerance if metric.higher_is_better else 1 + tolerance
+    base: _Arm | None,
+    can: _Arm | None,
+    critical_tolerance: float | None,
+) -> tuple[CheckResult, Evidence | None]:
+    a = spec.analysis
+    overall = column == OVERALL
+    segment = OVERALL if overall else f"{column}={value}"
+    where = "" if overall else f" for {segment}"
+    tolerance = critical_tolerance if (critical_tolerance is not None and metric.relative) else metric.tolerance
+    n_b = int(base.totals["n"]) if base else 0
+    n_c = int(can.totals["n"]) if can else 0
     common = dict(
         tier="analysis",
         check=metric.name,
@@ -159,57 +289,237 @@ def _ratio_check(
         window_end=window.end,
         canary_n=n_c,
         baseline_n=n_b,
-        threshold=bound,
-        gating=gating,
-        required=required,
+        gating=metric.critical,
+        required=metric.critical and (overall or critical_tolerance is not None),
     )
-    if min(n_b, n_c) < min_samples:
-        return CheckResult(
-            verdict=Verdict.INCONCLUSIVE,
-            **common,
-            canary_value=x_c / n_c if n_c else None,
-            baseline_value=x_b / n_b if n_b else None,
-            reason=f"{metric.name}{where}: too few labelled samples "
-            f"(canary {n_c:,}, baseline {n_b:,}; minimum {min_samples:,})",
+    if base is None or can is None or min(n_b, n_c) < a.min_samples:
+        reason = (
+            f"{metric.name}{where}: too few labelled samples (canary {n_c:,}, baseline {n_b:,}; "
+            f"minimum {a.min_samples:,})"
         )
-    assert base is not None and canary is not None
-    r = _compare(metric, base, canary, alpha)
-    if not all(math.isfinite(v) for v in (r.ratio, r.ci_low, r.ci_high)):
-        return CheckResult(
-            verdict=Verdict.INCONCLUSIVE,
-            **common,
-            canary_value=_finite(r.canary_rate),
-            baseline_value=_finite(r.baseline_rate),
-            reason=f"{metric.name}{where}: no ratio to test (a mean is zero, negative or not a number)",
-        )
-    good = r.ci_low > bound if metric.higher_is_better else r.ci_high < bound
-    bad = r.ci_high < bound if metric.higher_is_better else r.ci_low > bound
-    verdict = Verdict.PASS if good else Verdict.FAIL if bad else Verdict.INCONCLUSIVE
-    moved = "fell" if r.ratio < 1 else "rose"
-    level = 100 * (1 - 2 * alpha)
-    reason = (
-        f"{metric.name}{where} {moved} {r.baseline_rate:.4g} → {r.canary_rate:.4g} "
-        f"({_rel(r.ratio)}, {level:g} % CI {_rel(r.ci_low)} … {_rel(r.ci_high)}), "
-        f"tolerance {100 * tolerance:g} %, n={n_c:,} canary / {n_b:,} baseline: "
-        + {
-            Verdict.PASS: "within tolerance",
-            Verdict.FAIL: "worse than tolerance",
-            Verdict.INCONCLUSIVE: "not yet conclusive",
-        }[verdict]
+        return CheckResult(verdict=Verdict.INCONCLUSIVE, reason=reason, **common), None
+    cmp = _compare(metric, tolerance, edges, base, can)
+    threshold = cmp.to_display(cmp.bound)
+    values = dict(canary_value=_finite(cmp.canary), baseline_value=_finite(cmp.baseline), threshold=threshold)
+    if not (math.isfinite(cmp.theta) and math.isfinite(cmp.se)):
+        reason = f"{metric.name}{where}: cannot be compared (a mean is zero, or an arm lacks positives or negatives)"
+        return CheckResult(verdict=Verdict.INCONCLUSIVE, reason=reason, **common, **values), None
+    ev = weigh(
+        cmp.theta, cmp.se, cmp.bound, metric.better_up, a.alpha, cmp.n, a.sequential_n_star if a.sequential else None
     )
-    return CheckResult(
-        verdict=verdict,
-        reason=reason,
-        canary_value=r.canary_rate,
-        baseline_value=r.baseline_rate,
-        ci_low=r.ci_low,
-        ci_high=r.ci_high,
+    result = CheckResult(
+        verdict=Verdict.PASS if ev.p_within <= a.alpha else Verdict.INCONCLUSIVE,
+        reason="",
+        ci_low=cmp.to_display(ev.low),
+        ci_high=cmp.to_display(ev.high),
         **common,
+        **values,
     )
+    return replace(result, reason=_reason(metric, where, cmp, ev, tolerance, n_c, n_b, a, result.verdict)), ev
 
 
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+def _reason(
+    metric: MetricSpec,
+    where: str,
+    cmp: _Comparison,
+    ev: Evidence,
+    tolerance: float,
+    n_c: int,
+    n_b: int,
+    a: Any,
+    verdict: Verdict,
+) -> str:
+    kind = "CS" if a.sequential else "CI"
+    level = f"{100 * (1 - 2 * a.alpha):g} % {kind}"
+    outcome = {
+        Verdict.PASS: "within tolerance",
+        Verdict.FAIL: "worse than tolerance",
+        Verdict.INCONCLUSIVE: "not yet conclusive",
+    }[verdict]
+
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4g}"
+
+    if cmp.unit == "relative":
+        moved = "fell" if cmp.theta < 0 else "rose"
+        change = (
+            f"{moved} {fmt(cmp.canary if cmp.baseline is None else cmp.baseline)} → {fmt(cmp.canary)} "
+            f"({_rel(math.exp(cmp.theta))}, {level} {_rel(math.exp(ev.low))} … {_rel(math.exp(ev.high))})"
+        )
+        tol = f"tolerance {100 * tolerance:g} %"
+        return f"{metric.name}{where} {change}, {tol}, n={n_c:,} canary / {n_b:,} baseline: {outcome}"
+    else:
+        label = {"auc": "AUC", "calibration": "|mean score - mean label|", "ece": "ECE"}[metric.kind]
+        base_v = abs(cmp.baseline) if metric.kind == "calibration" else cmp.baseline
+        can_v = abs(cmp.canary) if metric.kind == "calibration" else cmp.canary
+        change = (
+            f"{label} {fmt(base_v)} → {fmt(can_v)} (difference {cmp.theta:+.4f}, {level} "
+            f"{ev.low:+.4f} … {ev.high:+.4f})"
+        )
+        tol = f"tolerance {tolerance:g}"
+    return f"{metric.name}{where}: {change}, {tol}, n={n_c:,} canary / {n_b:,} baseline: {outcome}"
+
+
+def _correct(
+    checks: list[tuple[CheckResult, Evidence | None]], alpha: float, method: str
+) -> list[tuple[CheckResult, Evidence | None]]:
+    """FAIL where the correction across this metric's segments rejects 'not worse than tolerance'."""
+    tested = [i for i, (_, ev) in enumerate(checks) if ev is not None]
+    rejected = reject([checks[i][1].p_worse for i in tested], alpha, method)  # type: ignore[union-attr]
+    out = list(checks)
+    for i, bad in zip(tested, rejected, strict=True):
+        if bad:
+            check, ev = out[i]
+            out[i] = (
+                replace(check, verdict=Verdict.FAIL, reason=check.reason.rsplit(": ", 1)[0] + ": worse than tolerance"),
+                ev,
+            )
+    return out
+
+
+def _point(metric: MetricSpec, check: CheckResult) -> float | None:
+    """The check's point estimate on the scale of its threshold (a ratio, or a difference)."""
+    c, b = check.canary_value, check.baseline_value
+    if c is None or b is None:
+        return None
+    if metric.relative:
+        return c / b if b else None
+    return abs(c) - abs(b) if metric.kind == "calibration" else c - b
+
+
+def _simpson(metric: MetricSpec, checks: list[CheckResult]) -> list[str]:
+    """Flag an aggregate that improves while a segment's point estimate is beyond the tolerance."""
+    overall = next((c for c in checks if c.segment == OVERALL), None)
+    point = None if overall is None else _point(metric, overall)
+    if point is None:
+        return []
+    neutral = 1.0 if metric.relative else 0.0
+    if not (point > neutral if metric.better_up else point < neutral):
+        return []
+    worse = []
+    for c in checks:
+        p = _point(metric, c)
+        if c.segment != OVERALL and p is not None and c.threshold is not None:
+            if p < c.threshold if metric.better_up else p > c.threshold:
+                worse.append(f"{c.segment} ({c.verdict.value})")
+    if worse:
+        return [f"{metric.name} improves overall while {', '.join(worse)} degrades beyond tolerance"]
+    return []
+
+
+def _drift_checks(
+    spec: RolloutSpec,
+    frame: pd.DataFrame,
+    segments: pd.DataFrame,
+    baseline_version: str,
+    canary_version: str,
+    score_edges: list[float],
+    window: AnalysisWindow,
+) -> list[CheckResult]:
+    d = spec.analysis.drift
+    out = []
+
+    def counts(rows: pd.DataFrame, version: str, size: int) -> np.ndarray:
+        mine = rows[(rows.version == version) & (rows.bin >= 0)]
+        arr = np.zeros(size)
+        np.add.at(arr, mine.bin.to_numpy(dtype=int), mine.n.to_numpy(dtype=float))
+        return arr
+
+    features = frame[frame.kind == "feature"]
+    for feature in d.features:
+        rows = features[features.column == feature]
+        size = int(rows.bin.max()) + 1 if len(rows) else 1
+        ref, cur = counts(rows, baseline_version, size), counts(rows, canary_version, size)
+        out.append(
+            _drift_check(
+                f"input_drift_{feature}",
+                f"input {feature}",
+                ref,
+                cur,
+                d.input_threshold,
+                Verdict.INVALID,
+                True,
+                window,
+                spec.analysis.min_samples,
+                "the arms' inputs differ: the traffic split is biased, comparison invalid",
+            )
+        )
+    if d.output != "off":
+        overall = segments[segments.column == OVERALL]
+        ref = counts(overall, baseline_version, len(score_edges) + 1)
+        cur = counts(overall, canary_version, len(score_edges) + 1)
+        groups = _merge_to_quantiles(ref, d.bins)
+        ref_m, cur_m = np.bincount(groups, ref, d.bins), np.bincount(groups, cur, d.bins)
+        out.append(
+            _drift_check(
+                "output_drift",
+                "score",
+                ref_m,
+                cur_m,
+                d.output_threshold,
+                Verdict.FAIL,
+                d.output == "fail",
+                window,
+                spec.analysis.min_samples,
+                "the canary's scores are distributed differently",
+            )
+        )
+    return out
+
+
+def _merge_to_quantiles(reference: np.ndarray, bins: int) -> np.ndarray:
+    """Group fine bins into ``bins`` groups of about equal reference mass (reference deciles for 10)."""
+    total = reference.sum()
+    if total == 0:
+        return np.zeros(len(reference), dtype=int)
+    before = (np.cumsum(reference) - reference) / total
+    return np.minimum((before * bins).astype(int), bins - 1)
+
+
+def _drift_check(
+    check: str,
+    what: str,
+    ref: np.ndarray,
+    cur: np.ndarray,
+    threshold: float,
+    bad: Verdict,
+    gating: bool,
+    window: AnalysisWindow,
+    min_samples: int,
+    meaning: str,
+) -> CheckResult:
+    result = drift(ref, cur)
+    base = dict(
+        tier="analysis",
+        check=check[:63],
+        segment=OVERALL,
+        window_start=window.start,
+        window_end=window.end,
+        canary_n=int(cur.sum()),
+        baseline_n=int(ref.sum()),
+        threshold=threshold,
+        canary_value=_finite(result.psi),
+        baseline_value=_finite(result.kl),
+        gating=gating,
+        required=False,
+    )
+    if min(ref.sum(), cur.sum()) < min_samples or not math.isfinite(result.psi):
+        return CheckResult(
+            verdict=Verdict.INCONCLUSIVE,
+            reason=f"{what} drift: too few samples "
+            f"(canary {int(cur.sum()):,}, baseline {int(ref.sum()):,}; minimum {min_samples:,})",
+            **base,
+        )
+    figures = f"PSI {result.psi:.3f}, KL {result.kl:.3f}, JS {result.js:.3f}"
+    if max(result.psi, result.kl) > threshold:
+        return CheckResult(
+            verdict=bad, reason=f"{what} drift between the arms: {figures} > {threshold:g}: {meaning}", **base
+        )
+    return CheckResult(verdict=Verdict.PASS, reason=f"{what} drift between the arms: {figures}", **base)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 def _rel(ratio: float) -> str:

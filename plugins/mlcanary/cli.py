@@ -105,6 +105,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             f"rows in [{window.start}, {window.end}), labels as of {window.label_asof}"
         )
         _print_checks(result.checks)
+        for flag in result.flags:
+            print(f"flag: {flag}")
         print(f"\nverdict: {result.verdict.value}: {result.reason}")
     return EXIT_CODES[result.verdict]
 

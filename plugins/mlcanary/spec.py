@@ -116,25 +116,51 @@ class GuardrailSpec(_Model):
         return self
 
 
-class MetricSpec(_Model):
-    """A metric compared between the arms as the ratio canary / baseline.
+MetricKind = Literal["rate", "mean", "auc", "precision", "recall", "calibration", "ece"]
 
-    ``rate``: the mean of a 0/1 label (CTR, conversion). ``mean``: the mean of ``value``, e.g.
-    ``abs_error`` (|score - label|, the prediction error of a regressor) or ``label`` (watch time).
+
+class MetricSpec(_Model):
+    """One comparison of canary against baseline, per segment.
+
+    ``tolerance`` is relative for ``rate``, ``mean``, ``precision`` and ``recall`` (0.05: the canary
+    may be 5 % worse) and absolute for ``auc`` (a drop in AUC), ``calibration`` (growth of
+    |mean score - mean label|) and ``ece`` (growth of the expected calibration error).
+
+    - ``rate``: mean of the 0/1 label (CTR, conversion);
+    - ``mean``: mean of ``value`` (``abs_error`` = |score - label|, the error of a regressor);
+    - ``precision`` / ``recall``: at the decision ``threshold`` on the score;
+    - ``auc``: from score-quantile bins with the unpaired DeLong variance;
+    - ``calibration``: calibration-in-the-large; ``ece``: expected calibration error, equal-mass bins.
     """
 
     name: Identifier
-    kind: Literal["rate", "mean"] = "rate"
+    kind: MetricKind = "rate"
     value: Literal["label", "score", "abs_error", "squared_error"] = "label"
-    tolerance: Fraction
+    tolerance: Annotated[float, Field(gt=0, lt=1)]
+    threshold: Fraction = 0.5
     higher_is_better: bool = True
     critical: bool = True
 
     @model_validator(mode="after")
-    def _rate_of_label(self) -> MetricSpec:
+    def _consistent(self) -> MetricSpec:
         if self.kind == "rate" and self.value != "label":
             raise ValueError("a rate metric is the mean of the 0/1 label: value must be 'label'")
+        if self.kind != "mean" and self.value != "label":
+            raise ValueError(f"value applies to kind 'mean' only, not {self.kind!r}")
+        if self.kind in ("auc", "precision", "recall") and not self.higher_is_better:
+            raise ValueError(f"{self.kind} is higher-is-better by definition")
         return self
+
+    @property
+    def relative(self) -> bool:
+        return self.kind in ("rate", "mean", "precision", "recall")
+
+    @property
+    def better_up(self) -> bool:
+        """Whether a larger value of the metric is better."""
+        if self.kind in ("calibration", "ece"):
+            return False
+        return self.higher_is_better
 
 
 class CriticalSegment(_Model):
@@ -143,15 +169,32 @@ class CriticalSegment(_Model):
     tolerance: Fraction
 
 
+class DriftSpec(_Model):
+    """Distribution drift between the arms. Input drift means the split is biased: INVALID."""
+
+    features: list[Identifier] = []
+    bins: Annotated[int, Field(ge=2, le=100)] = 10
+    input_threshold: Annotated[float, Field(gt=0)] = 0.2  # PSI or KL above it: comparison invalid
+    output: Literal["off", "report", "fail"] = "report"  # drift of the score between the arms
+    output_threshold: Annotated[float, Field(gt=0)] = 0.2
+
+
 class AnalysisSpec(_Model):
     interval: Duration = timedelta(minutes=20)
     window: Duration = timedelta(minutes=20)
     label_delay: Duration = timedelta(minutes=5)
     alpha: Fraction = 0.05
     min_samples: Annotated[int, Field(ge=1)] = 1000
+    sequential: bool = True  # anytime-valid confidence sequences: looking often costs no false alarms
+    sequential_n_star: Annotated[int, Field(ge=10)] = 10000  # sample size where they are tightest
+    correction: Literal["holm", "bh", "none"] = "holm"  # across the segments of each metric
+    consecutive_fails: Annotated[int, Field(ge=1)] = 1  # failing looks in a row before FAIL
+    score_bins: Annotated[int, Field(ge=20, le=1000)] = 100
+    edge_sample: Annotated[int, Field(ge=1000)] = 50000  # rows the bin edges are taken from
     segments: list[Identifier] = []
     critical_segments: list[CriticalSegment] = []
     metrics: Annotated[list[MetricSpec], Field(min_length=1)]
+    drift: DriftSpec = DriftSpec()
 
     @model_validator(mode="after")
     def _critical_segments_are_segments(self) -> AnalysisSpec:

@@ -113,9 +113,11 @@ class ShiftTrafficOperator(RolloutTaskMixin, BaseOperator):
 class AnalysisOperator(RolloutTaskMixin, BaseOperator):
     """Slow ML analysis of the label-complete window so far.
 
-    FAIL stops the rollout at once. At the last stage, with the policy ``extend``, an INCONCLUSIVE or
-    INVALID result waits one analysis interval in the triggerer and looks again, until the verdict
-    is conclusive or ``policies.max_extension`` has passed.
+    - FAIL stops the rollout once ``analysis.consecutive_fails`` looks in a row have failed; between
+      looks the task waits one analysis interval in the triggerer.
+    - INVALID (the arms' inputs drifted apart) with the policy ``rollback`` stops the rollout at any stage.
+    - At the last stage, with the policy ``extend``, an INCONCLUSIVE (or INVALID) result looks again
+      every interval until it is conclusive or ``policies.max_extension`` has passed.
     """
 
     ui_color = "#e6f4ea"
@@ -128,7 +130,9 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         self.stage = stage
         self.final = final
 
-    def execute(self, context: Context, event: Any = None, first_look: float | None = None) -> dict[str, Any]:
+    def execute(
+        self, context: Context, event: Any = None, first_look: float | None = None, fails: int = 0
+    ) -> dict[str, Any]:
         first_look = first_look or time.time()
         rollout = self.rollout(context)
         with self.engine.connect() as conn:
@@ -145,34 +149,41 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
                 canary_version=rollout.canary_version,
             )
         self.log.info("stage %d analysis: %s: %s", self.stage, result.verdict.value, result.reason)
-        if result.verdict is Verdict.FAIL:
+        for flag in result.flags:
+            self.log.warning("stage %d: %s", self.stage, flag)
+        a, p = self.spec.analysis, self.spec.policies
+
+        def decide(action: str, reason: str) -> None:
             record_decision(
                 self.engine,
                 rollout_id=rollout.rollout_id,
                 model=self.spec.model,
                 stage=self.stage,
-                action="rollback",
+                action=action,
                 verdict=result.verdict,
-                reason=f"analysis: {result.reason}",
+                reason=reason,
             )
-            raise AirflowFailException(f"analysis FAIL: {result.reason}")
-        if self._extend(result, first_look):
-            record_decision(
-                self.engine,
-                rollout_id=rollout.rollout_id,
-                model=self.spec.model,
-                stage=self.stage,
-                action="extend",
-                verdict=result.verdict,
-                reason=f"{result.verdict.value}, policy extend: looking again in "
-                f"{self.spec.analysis.interval}: {result.reason}",
-            )
+
+        def look_again(**kwargs: Any) -> None:
             self.defer(
-                trigger=DateTimeTrigger(moment=_aware(utcnow() + self.spec.analysis.interval)),
+                trigger=DateTimeTrigger(moment=_aware(utcnow() + a.interval)),
                 method_name="execute",
-                kwargs={"first_look": first_look},
+                kwargs={"first_look": first_look, **kwargs},
             )
-        return {"verdict": result.verdict.value, "reason": result.reason}
+
+        if result.verdict is Verdict.FAIL:
+            if fails + 1 < a.consecutive_fails:
+                decide("confirm", f"failing look {fails + 1} of {a.consecutive_fails}: {result.reason}")
+                look_again(fails=fails + 1)
+            decide("rollback", f"analysis: {result.reason}")
+            raise AirflowFailException(f"analysis FAIL: {result.reason}")
+        if result.verdict is Verdict.INVALID and p.invalid == "rollback":
+            decide("rollback", f"analysis: comparison invalid: {result.reason}")
+            raise AirflowFailException(f"analysis INVALID: {result.reason}")
+        if self._extend(result, first_look):
+            decide("extend", f"{result.verdict.value}, policy extend: looking again in {a.interval}: {result.reason}")
+            look_again()
+        return {"verdict": result.verdict.value, "reason": result.reason, "flags": result.flags}
 
     def _extend(self, result: AnalysisResult, first_look: float) -> bool:
         if not self.final or result.verdict is Verdict.PASS:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -99,18 +100,56 @@ def resource_means(
     return int(n or 0), (None if cpu is None else float(cpu)), (None if mem is None else float(mem))
 
 
-@dataclass(frozen=True)
-class SegmentSums:
-    """Count, and sum and sum of squares of each value, for one version and one segment."""
+def quantile_edges(
+    conn: Connection,
+    t: MappedTable,
+    model: str,
+    version: str,
+    start: datetime,
+    end: datetime,
+    value: ColumnElement,
+    bins: int,
+    sample_rows: int,
+) -> list[float]:
+    """Inner edges of ``bins`` equal-count tiles of ``value`` for one version (distinct, ascending).
 
-    version: str
-    column: str  # "*" for the whole arm
-    value: str  # "*" for the whole arm
-    n: int
-    sums: Mapping[str, tuple[float, float]]  # value name -> (sum, sum of squares)
+    Computed in the warehouse with NTILE over the version's most recent ``sample_rows`` rows of the
+    window: one bounded sort, whatever the size of the window.
+    """
+    sample = (
+        sa.select(value.label("v"))
+        .where(*_arm_filter(t, model, version, start, end), value.is_not(None))
+        .order_by(t.col("ts").desc())
+        .limit(sample_rows)
+        .subquery()
+    )
+    tiles = sa.select(sample.c.v, sa.func.ntile(bins).over(order_by=sample.c.v).label("tile")).subquery()
+    stmt = sa.select(sa.func.max(tiles.c.v)).group_by(tiles.c.tile).order_by(tiles.c.tile)
+    uppers = [float(v) for v in conn.execute(stmt).scalars() if v is not None]
+    return sorted(set(uppers[:-1]))
 
 
-def labelled_sums(
+def bin_index(value: ColumnElement, edges: Sequence[float]) -> ColumnElement:
+    """The number of ``edges`` at or below ``value`` (0 ... len(edges)); -1 for NULL.
+
+    Bin k is [edges[k-1], edges[k]) with open outer bins. A balanced CASE tree: about log2(len(edges))
+    comparisons per row, in any dialect.
+    """
+
+    def tree(lo: int, hi: int) -> ColumnElement:
+        if lo == hi:
+            return sa.literal(lo)
+        mid = (lo + hi) // 2
+        return sa.case((value < sa.literal(float(edges[mid])), tree(lo, mid)), else_=tree(mid + 1, hi))
+
+    return sa.case((value.is_(None), sa.literal(-1)), else_=tree(0, len(edges)))
+
+
+# The per-row quantities summed per version, segment and score bin (y: label, s: score, d = s - y).
+BIN_MEASURES = ("n", "y", "y2", "s", "s2", "sy", "ad", "d2", "d4")
+
+
+def binned_aggregates(
     conn: Connection,
     t: MappedTable,
     model: str,
@@ -119,61 +158,122 @@ def labelled_sums(
     end: datetime,
     label_asof: datetime,
     segment_columns: Sequence[str],
-    values: Mapping[str, ColumnElement],
-) -> list[SegmentSums]:
-    """Count, sum and sum of squares of each of ``values`` per version, overall and per segment value.
+    score_edges: Sequence[float],
+    feature_edges: Mapping[str, Sequence[float]],
+) -> list[dict[str, Any]]:
+    """The slow analysis's whole input, from label-complete rows of ``[start, end)``:
 
-    Only rows in ``[start, end)`` whose label was observed by ``label_asof`` count. One statement:
-    a UNION ALL of the overall GROUP BY and one GROUP BY per segment column.
+    - ``kind="segment"`` rows: per version, segment (``column``/``value``, "*" for the whole arm) and
+      score bin, the sums in :data:`BIN_MEASURES`;
+    - ``kind="feature"`` rows: per version, feature (``column``) and feature bin, the row count.
+
+    One scan with GROUPING SETS where the dialect has them (PostgreSQL, DuckDB), else a UNION ALL.
     """
-    label = t.col("label")
-    where = [
-        t.col("model") == model,
-        t.col("version").in_(list(versions)),
-        t.col("ts") >= start,
-        t.col("ts") < end,
-        label.is_not(None),
-        t.col("label_ts") <= label_asof,
+    label, score = t.col("label"), t.col("score")
+    d = score - label
+    inner = (
+        sa.select(
+            t.col("version").label("version"),
+            *(sa.cast(t.col(c), sa.String).label(f"seg_{i}") for i, c in enumerate(segment_columns)),
+            bin_index(score, score_edges).label("sbin"),
+            *(bin_index(t.col(f), e).label(f"fbin_{i}") for i, (f, e) in enumerate(feature_edges.items())),
+            sa.cast(label, sa.Double).label("y"),
+            sa.cast(score, sa.Double).label("s"),
+            sa.cast(d, sa.Double).label("d"),
+        )
+        .where(
+            t.col("model") == model,
+            t.col("version").in_(list(versions)),
+            t.col("ts") >= start,
+            t.col("ts") < end,
+            label.is_not(None),
+            t.col("label_ts") <= label_asof,
+        )
+        .subquery()
+    )
+    c = inner.c
+    sums = [
+        sa.func.count().label("n"),
+        sa.func.sum(c.y).label("y"),
+        sa.func.sum(c.y * c.y).label("y2"),
+        sa.func.sum(c.s).label("s"),
+        sa.func.sum(c.s * c.s).label("s2"),
+        sa.func.sum(c.s * c.y).label("sy"),
+        sa.func.sum(sa.func.abs(c.d)).label("ad"),
+        sa.func.sum(c.d * c.d).label("d2"),
+        sa.func.sum(c.d * c.d * c.d * c.d).label("d4"),
     ]
-    keys = list(values)
-    measures: list[ColumnElement] = [sa.func.count().label("n")]
-    for i, key in enumerate(keys):
-        expr = values[key]
-        measures += [sa.func.sum(expr).label(f"s{i}"), sa.func.sum(expr * expr).label(f"q{i}")]
-    version = t.col("version")
+    seg_cols = [c[f"seg_{i}"] for i in range(len(segment_columns))]
+    f_cols = [c[f"fbin_{i}"] for i in range(len(feature_edges))]
+    features = list(feature_edges)
+    if conn.dialect.name in ("postgresql", "duckdb"):
+        sets = [sa.tuple_(c.version, c.sbin)]
+        sets += [sa.tuple_(c.version, s, c.sbin) for s in seg_cols]
+        sets += [sa.tuple_(c.version, f) for f in f_cols]
+        stmt = sa.select(
+            c.version,
+            *seg_cols,
+            c.sbin,
+            *f_cols,
+            *(sa.func.grouping(s).label(f"g_seg_{i}") for i, s in enumerate(seg_cols)),
+            *(sa.func.grouping(f).label(f"g_f_{i}") for i, f in enumerate(f_cols)),
+            sa.func.grouping(c.sbin).label("g_sbin"),
+            *sums,
+        ).group_by(sa.func.grouping_sets(*sets))
+        out = []
+        for row in conn.execute(stmt):
+            m = row._mapping
+            base = {k: float(m[k] or 0.0) for k in BIN_MEASURES}
+            if not m["g_sbin"]:
+                which = [i for i in range(len(seg_cols)) if not m[f"g_seg_{i}"]]
+                column = segment_columns[which[0]] if which else OVERALL
+                value = m[f"seg_{which[0]}"] if which else OVERALL
+                out.append(
+                    dict(kind="segment", version=m["version"], column=column, value=value, bin=int(m["sbin"]), **base)
+                )
+            else:
+                i = next(i for i in range(len(f_cols)) if not m[f"g_f_{i}"])
+                out.append(
+                    dict(
+                        kind="feature",
+                        version=m["version"],
+                        column=features[i],
+                        value=OVERALL,
+                        bin=int(m[f"fbin_{i}"]),
+                        **base,
+                    )
+                )
+        return [r for r in out if r["kind"] == "feature" or r["value"] is not None]
     parts = [
         sa.select(
-            version.label("version"),
-            sa.literal(OVERALL).label("seg_column"),
-            sa.literal(OVERALL).label("seg_value"),
-            *measures,
-        )
-        .where(*where)
-        .group_by(version)
+            sa.literal("segment").label("kind"),
+            c.version,
+            sa.literal(OVERALL).label("col"),
+            sa.literal(OVERALL).label("val"),
+            c.sbin.label("bin"),
+            *sums,
+        ).group_by(c.version, c.sbin)
     ]
-    for name in segment_columns:
-        seg = t.col(name)
+    for name, s in zip(segment_columns, seg_cols, strict=True):
         parts.append(
-            sa.select(
-                version.label("version"),
-                sa.literal(name).label("seg_column"),
-                sa.cast(seg, sa.String).label("seg_value"),
-                *measures,
-            )
-            .where(*where, seg.is_not(None))
-            .group_by(version, seg)
+            sa.select(sa.literal("segment"), c.version, sa.literal(name), s, c.sbin, *sums)
+            .where(s.is_not(None))
+            .group_by(c.version, s, c.sbin)
         )
-    stmt = parts[0] if len(parts) == 1 else sa.union_all(*parts)
-    out = []
-    for row in conn.execute(stmt):
-        m = row._mapping
-        out.append(
-            SegmentSums(
-                version=row.version,
-                column=row.seg_column,
-                value=row.seg_value,
-                n=int(row.n),
-                sums={k: (float(m[f"s{i}"] or 0.0), float(m[f"q{i}"] or 0.0)) for i, k in enumerate(keys)},
+    for name, f in zip(features, f_cols, strict=True):
+        parts.append(
+            sa.select(sa.literal("feature"), c.version, sa.literal(name), sa.literal(OVERALL), f, *sums).group_by(
+                c.version, f
             )
         )
-    return out
+    return [
+        dict(
+            kind=r.kind,
+            version=r.version,
+            column=r.col,
+            value=r.val,
+            bin=int(r.bin),
+            **{k: float(r._mapping[k] or 0.0) for k in BIN_MEASURES},
+        )
+        for r in conn.execute(sa.union_all(*parts))
+    ]
