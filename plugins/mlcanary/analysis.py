@@ -399,9 +399,11 @@ def _simpson(metric: MetricSpec, checks: list[CheckResult]) -> list[str]:
     worse = []
     for c in checks:
         p = _point(metric, c)
-        if c.segment != OVERALL and p is not None and c.threshold is not None:
-            if p < c.threshold if metric.better_up else p > c.threshold:
-                worse.append(f"{c.segment} ({c.verdict.value})")
+        beyond = (
+            p is not None and c.threshold is not None and (p < c.threshold if metric.better_up else p > c.threshold)
+        )
+        if c.segment != OVERALL and beyond:
+            worse.append(f"{c.segment} ({c.verdict.value})")
     if worse:
         return [f"{metric.name} improves overall while {', '.join(worse)} degrades beyond tolerance"]
     return []
