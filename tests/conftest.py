@@ -85,11 +85,9 @@ def engine(sqlite_url: str) -> sa.Engine:
 
 @pytest.fixture
 def duckdb_engine(tmp_path: Path) -> sa.Engine:
-    """A DuckDB file with the contract's predictions table (DuckDB has no autoincrement for the audit tables)."""
-    from mlcanary.warehouse.schema import metadata, predictions
-
+    """A DuckDB file with the whole schema."""
     eng = make_engine(f"duckdb:///{tmp_path}/warehouse.duckdb")
-    metadata.create_all(eng, tables=[predictions])
+    create_schema(eng)
     return eng
 
 

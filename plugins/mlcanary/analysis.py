@@ -190,7 +190,7 @@ def _compare(metric: MetricSpec, tolerance: float, edges: list[float], base: _Ar
         bound = math.log(1 - tolerance) if metric.better_up else math.log(1 + tolerance)
         if metric.kind == "rate":
             r = rate_log_ratio(can.totals["y"], int(can.totals["n"]), base.totals["y"], int(base.totals["n"]))
-            n = can.totals["n"] + base.totals["n"]
+            n = min(can.totals["n"], base.totals["n"])
         elif metric.kind == "mean":
             s, q, scored = _SUMS[metric.value]
 
@@ -200,7 +200,7 @@ def _compare(metric: MetricSpec, tolerance: float, edges: list[float], base: _Ar
                 return int(arm.totals["n"]), arm.totals[s], arm.totals[q]
 
             (n_c, s_c, q_c), (n_b, s_b, q_b) = moments(can), moments(base)
-            r, n = mean_log_ratio(n_c, s_c, q_c, n_b, s_b, q_b), n_c + n_b
+            r, n = mean_log_ratio(n_c, s_c, q_c, n_b, s_b, q_b), min(n_c, n_b)
         else:  # precision / recall at the threshold: bins from the threshold's edge up are "positive"
             first = edges.index(metric.threshold) + 1
 
@@ -210,7 +210,7 @@ def _compare(metric: MetricSpec, tolerance: float, edges: list[float], base: _Ar
                 return tp, float(denominator)
 
             (x_c, d_c), (x_b, d_b) = counts(can), counts(base)
-            r, n = rate_log_ratio(x_c, int(d_c), x_b, int(d_b)), d_c + d_b
+            r, n = rate_log_ratio(x_c, int(d_c), x_b, int(d_b)), min(d_c, d_b)
         return _ratio(r, bound, n)
     if metric.kind == "auc":
         c = auc_from_bins(can.bins["y"], can.bins["n"] - can.bins["y"])

@@ -78,7 +78,7 @@ def format_report(report: dict[str, Any]) -> str:
         "Traffic:",
     ]
     lines += [
-        f"  {t['at']}  {'?' if t['from_percent'] is None else format(t['from_percent'], 'g')} → "
+        f"  {t['applied_at']}  {'?' if t['from_percent'] is None else format(t['from_percent'], 'g')} → "
         f"{t['to_percent']:g} %  {t['note']}"
         for t in report["traffic"]
     ]

@@ -152,7 +152,7 @@ def apply_split(engine: Engine, router: Router, rollout: Rollout, target: Split,
                 to_percent=target.share(rollout.canary_version),
                 applied=applied,
                 note=note,
-                at=utcnow(),
+                applied_at=utcnow(),
             )
         )
     return target

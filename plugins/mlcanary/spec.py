@@ -186,7 +186,7 @@ class AnalysisSpec(_Model):
     alpha: Fraction = 0.05
     min_samples: Annotated[int, Field(ge=1)] = 1000
     sequential: bool = True  # anytime-valid confidence sequences: looking often costs no false alarms
-    sequential_n_star: Annotated[int, Field(ge=10)] = 10000  # sample size where they are tightest
+    sequential_n_star: Annotated[int, Field(ge=10)] = 10000  # canary samples where they are tightest
     correction: Literal["holm", "bh", "none"] = "holm"  # across the segments of each metric
     consecutive_fails: Annotated[int, Field(ge=1)] = 1  # failing looks in a row before FAIL
     score_bins: Annotated[int, Field(ge=20, le=1000)] = 100

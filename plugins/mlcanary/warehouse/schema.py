@@ -37,7 +37,7 @@ predictions = sa.Table(
 resource_metrics = sa.Table(
     "resource_metrics",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.Integer, sa.Sequence("resource_metrics_id_seq"), primary_key=True),
     sa.Column("ts", sa.DateTime, nullable=False),
     sa.Column("model", sa.String(128), nullable=False),
     sa.Column("model_version", _VERSION, nullable=False),
@@ -82,7 +82,7 @@ traffic_split = sa.Table(
 traffic_history = sa.Table(
     "mlcanary_traffic_history",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.Integer, sa.Sequence("mlcanary_traffic_history_id_seq"), primary_key=True),
     sa.Column("model", sa.String(128), nullable=False),
     sa.Column("rollout_id", sa.String(250)),
     sa.Column("baseline_version", _VERSION, nullable=False),
@@ -91,13 +91,13 @@ traffic_history = sa.Table(
     sa.Column("to_percent", sa.Double, nullable=False),
     sa.Column("applied", sa.Boolean, nullable=False),  # False: dry run or no change needed
     sa.Column("note", sa.Text),
-    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("applied_at", sa.DateTime, nullable=False),
 )
 
 measurements = sa.Table(
     "mlcanary_measurements",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.Integer, sa.Sequence("mlcanary_measurements_id_seq"), primary_key=True),
     sa.Column("rollout_id", sa.String(250), index=True),
     sa.Column("model", sa.String(128), nullable=False),
     sa.Column("tier", sa.String(20), nullable=False),  # guardrail | analysis
@@ -123,7 +123,7 @@ measurements = sa.Table(
 decisions = sa.Table(
     "mlcanary_decisions",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.Integer, sa.Sequence("mlcanary_decisions_id_seq"), primary_key=True),
     sa.Column("rollout_id", sa.String(250), index=True),
     sa.Column("model", sa.String(128), nullable=False),
     sa.Column("stage", sa.Integer),
