@@ -113,9 +113,16 @@ def analyze(
     score_edges = queries.quantile_edges(*args, table.col("score"), a.score_bins, a.edge_sample)
     thresholds = {m.threshold for m in a.metrics if m.kind in ("precision", "recall")}
     score_edges = sorted(set(score_edges) | thresholds)
-    feature_edges = {
-        f: queries.quantile_edges(*args, table.col(f), a.drift.bins, a.edge_sample) for f in a.drift.features
-    }
+    features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for f in a.drift.features:  # input drift on each arm's most recent rows: PSI noise ~ bins / sample
+        edges = queries.quantile_edges(*args, table.col(f), a.drift.bins, a.edge_sample)
+        hist = [
+            queries.sample_histogram(
+                conn, table, spec.model, v, window.start, window.end, table.col(f), edges, a.edge_sample
+            )
+            for v in (baseline_version, canary_version)
+        ]
+        features[f] = (np.array(hist[0], dtype=float), np.array(hist[1], dtype=float))
     rows = queries.binned_aggregates(
         conn,
         table,
@@ -126,10 +133,8 @@ def analyze(
         window.label_asof,
         a.segments,
         score_edges,
-        feature_edges,
     )
-    frame = pd.DataFrame(rows, columns=["kind", "version", "column", "value", "bin", *queries.BIN_MEASURES])
-    segments = frame[frame.kind == "segment"]
+    segments = pd.DataFrame(rows, columns=["kind", "version", "column", "value", "bin", *queries.BIN_MEASURES])
     arms = {
         (version, column, value): _arm(group, len(score_edges))
         for (version, column, value), group in segments.groupby(["version", "column", "value"])
@@ -157,7 +162,7 @@ def analyze(
         mine = _correct(mine, a.alpha, a.correction)
         checks += [c for c, _ in mine]
         flags += _simpson(metric, [c for c, _ in mine])
-    checks += _drift_checks(spec, frame, segments, baseline_version, canary_version, score_edges, window)
+    checks += _drift_checks(spec, features, segments, baseline_version, canary_version, score_edges, window)
     verdict = combine(checks)
     reason = first_reason(checks, verdict)
     if flags:
@@ -411,7 +416,7 @@ def _simpson(metric: MetricSpec, checks: list[CheckResult]) -> list[str]:
 
 def _drift_checks(
     spec: RolloutSpec,
-    frame: pd.DataFrame,
+    features: dict[str, tuple[np.ndarray, np.ndarray]],
     segments: pd.DataFrame,
     baseline_version: str,
     canary_version: str,
@@ -427,11 +432,7 @@ def _drift_checks(
         np.add.at(arr, mine.bin.to_numpy(dtype=int), mine.n.to_numpy(dtype=float))
         return arr
 
-    features = frame[frame.kind == "feature"]
-    for feature in d.features:
-        rows = features[features.column == feature]
-        size = int(rows.bin.max()) + 1 if len(rows) else 1
-        ref, cur = counts(rows, baseline_version, size), counts(rows, canary_version, size)
+    for feature, (ref, cur) in features.items():
         out.append(
             _drift_check(
                 f"input_drift_{feature}",

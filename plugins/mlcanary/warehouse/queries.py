@@ -100,6 +100,19 @@ def resource_means(
     return int(n or 0), (None if cpu is None else float(cpu)), (None if mem is None else float(mem))
 
 
+def _tail_sample(
+    t: MappedTable, model: str, version: str, start: datetime, end: datetime, value: ColumnElement, rows: int
+) -> sa.Subquery:
+    """The version's most recent ``rows`` non-NULL values of ``value`` in the window (index-friendly)."""
+    return (
+        sa.select(value.label("v"))
+        .where(*_arm_filter(t, model, version, start, end), value.is_not(None))
+        .order_by(t.col("ts").desc())
+        .limit(rows)
+        .subquery()
+    )
+
+
 def quantile_edges(
     conn: Connection,
     t: MappedTable,
@@ -116,25 +129,43 @@ def quantile_edges(
     Computed in the warehouse with NTILE over the version's most recent ``sample_rows`` rows of the
     window: one bounded sort, whatever the size of the window.
     """
-    sample = (
-        sa.select(value.label("v"))
-        .where(*_arm_filter(t, model, version, start, end), value.is_not(None))
-        .order_by(t.col("ts").desc())
-        .limit(sample_rows)
-        .subquery()
-    )
+    sample = _tail_sample(t, model, version, start, end, value, sample_rows)
     tiles = sa.select(sample.c.v, sa.func.ntile(bins).over(order_by=sample.c.v).label("tile")).subquery()
     stmt = sa.select(sa.func.max(tiles.c.v)).group_by(tiles.c.tile).order_by(tiles.c.tile)
     uppers = [float(v) for v in conn.execute(stmt).scalars() if v is not None]
     return sorted(set(uppers[:-1]))
 
 
-def bin_index(value: ColumnElement, edges: Sequence[float]) -> ColumnElement:
+def sample_histogram(
+    conn: Connection,
+    t: MappedTable,
+    model: str,
+    version: str,
+    start: datetime,
+    end: datetime,
+    value: ColumnElement,
+    edges: Sequence[float],
+    sample_rows: int,
+) -> list[int]:
+    """Counts per bin (``len(edges) + 1`` bins) of the version's most recent ``sample_rows`` values."""
+    sample = _tail_sample(t, model, version, start, end, value, sample_rows)
+    b = bin_index(sample.c.v, edges, conn.dialect.name).label("b")
+    counts = [0] * (len(edges) + 1)
+    for k, n in conn.execute(sa.select(b, sa.func.count()).group_by(b)):
+        if k is not None and k >= 0:
+            counts[int(k)] = int(n)
+    return counts
+
+
+def bin_index(value: ColumnElement, edges: Sequence[float], dialect: str = "") -> ColumnElement:
     """The number of ``edges`` at or below ``value`` (0 ... len(edges)); -1 for NULL.
 
-    Bin k is [edges[k-1], edges[k]) with open outer bins. A balanced CASE tree: about log2(len(edges))
-    comparisons per row, in any dialect.
+    Bin k is [edges[k-1], edges[k]) with open outer bins. PostgreSQL: ``width_bucket(value, array)``,
+    a binary search in C. Elsewhere a balanced CASE tree: about log2(len(edges)) comparisons per row.
     """
+    if dialect == "postgresql" and edges:
+        array = sa.cast(sa.literal(list(map(float, edges)), sa.ARRAY(sa.Double)), sa.ARRAY(sa.Double))
+        return sa.func.coalesce(sa.func.width_bucket(value, array), -1)
 
     def tree(lo: int, hi: int) -> ColumnElement:
         if lo == hi:
@@ -145,8 +176,9 @@ def bin_index(value: ColumnElement, edges: Sequence[float]) -> ColumnElement:
     return sa.case((value.is_(None), sa.literal(-1)), else_=tree(0, len(edges)))
 
 
-# The per-row quantities summed per version, segment and score bin (y: label, s: score, d = s - y).
-BIN_MEASURES = ("n", "y", "y2", "s", "s2", "sy", "ad", "d2", "d4")
+# The per-row quantities that can be summed per version, segment and score bin (y: label, s: score,
+# d = s - y): count, y, y², s, s², |d|, d², d⁴.
+BIN_MEASURES = ("n", "y", "y2", "s", "s2", "ad", "d2", "d4")
 
 
 def binned_aggregates(
@@ -159,28 +191,35 @@ def binned_aggregates(
     label_asof: datetime,
     segment_columns: Sequence[str],
     score_edges: Sequence[float],
-    feature_edges: Mapping[str, Sequence[float]],
+    measures: Sequence[str] = BIN_MEASURES,
 ) -> list[dict[str, Any]]:
-    """The slow analysis's whole input, from label-complete rows of ``[start, end)``:
+    """Per version, segment (``column``/``value``; "*" for the whole arm) and score bin, the sums of
+    ``measures`` (names from :data:`BIN_MEASURES`; the rest are 0) over the label-complete rows of
+    ``[start, end)``.
 
-    - ``kind="segment"`` rows: per version, segment (``column``/``value``, "*" for the whole arm) and
-      score bin, the sums in :data:`BIN_MEASURES`;
-    - ``kind="feature"`` rows: per version, feature (``column``) and feature bin, the row count.
-
-    One scan with GROUPING SETS where the dialect has them (PostgreSQL, DuckDB), else a UNION ALL.
+    One scan in every dialect: a single hash GROUP BY over (version, every segment column, score bin),
+    streamed back and rolled up here into the per-segment marginals. Its result depends on the
+    segments' cardinalities and the bins, never on the number of rows, and only the marginals are
+    kept. (GROUPING SETS were measured slower: PostgreSQL ran one sort per set.)
     """
     label, score = t.col("label"), t.col("score")
     d = score - label
-    inner = (
-        sa.select(
-            t.col("version").label("version"),
-            *(sa.cast(t.col(c), sa.String).label(f"seg_{i}") for i, c in enumerate(segment_columns)),
-            bin_index(score, score_edges).label("sbin"),
-            *(bin_index(t.col(f), e).label(f"fbin_{i}") for i, (f, e) in enumerate(feature_edges.items())),
-            sa.cast(label, sa.Double).label("y"),
-            sa.cast(score, sa.Double).label("s"),
-            sa.cast(d, sa.Double).label("d"),
-        )
+    y, s = sa.cast(label, sa.Double), sa.cast(score, sa.Double)
+    available = {
+        "n": sa.func.count(),
+        "y": sa.func.sum(y),
+        "y2": sa.func.sum(y * y),
+        "s": sa.func.sum(s),
+        "s2": sa.func.sum(s * s),
+        "ad": sa.func.sum(sa.func.abs(d)),
+        "d2": sa.func.sum(d * d),
+        "d4": sa.func.sum(d * d * d * d),
+    }
+    wanted = [m for m in BIN_MEASURES if m == "n" or m in measures]
+    sums = [available[m] for m in wanted]
+    keys = [t.col("version"), *(t.col(c) for c in segment_columns), bin_index(score, score_edges, conn.dialect.name)]
+    stmt = (
+        sa.select(*keys, *sums)
         .where(
             t.col("model") == model,
             t.col("version").in_(list(versions)),
@@ -189,91 +228,25 @@ def binned_aggregates(
             label.is_not(None),
             t.col("label_ts") <= label_asof,
         )
-        .subquery()
+        .group_by(*keys)
     )
-    c = inner.c
-    sums = [
-        sa.func.count().label("n"),
-        sa.func.sum(c.y).label("y"),
-        sa.func.sum(c.y * c.y).label("y2"),
-        sa.func.sum(c.s).label("s"),
-        sa.func.sum(c.s * c.s).label("s2"),
-        sa.func.sum(c.s * c.y).label("sy"),
-        sa.func.sum(sa.func.abs(c.d)).label("ad"),
-        sa.func.sum(c.d * c.d).label("d2"),
-        sa.func.sum(c.d * c.d * c.d * c.d).label("d4"),
-    ]
-    seg_cols = [c[f"seg_{i}"] for i in range(len(segment_columns))]
-    f_cols = [c[f"fbin_{i}"] for i in range(len(feature_edges))]
-    features = list(feature_edges)
-    if conn.dialect.name in ("postgresql", "duckdb"):
-        sets = [sa.tuple_(c.version, c.sbin)]
-        sets += [sa.tuple_(c.version, s, c.sbin) for s in seg_cols]
-        sets += [sa.tuple_(c.version, f) for f in f_cols]
-        stmt = sa.select(
-            c.version,
-            *seg_cols,
-            c.sbin,
-            *f_cols,
-            *(sa.func.grouping(s).label(f"g_seg_{i}") for i, s in enumerate(seg_cols)),
-            *(sa.func.grouping(f).label(f"g_f_{i}") for i, f in enumerate(f_cols)),
-            sa.func.grouping(c.sbin).label("g_sbin"),
-            *sums,
-        ).group_by(sa.func.grouping_sets(*sets))
-        out = []
-        for row in conn.execute(stmt):
-            m = row._mapping
-            base = {k: float(m[k] or 0.0) for k in BIN_MEASURES}
-            if not m["g_sbin"]:
-                which = [i for i in range(len(seg_cols)) if not m[f"g_seg_{i}"]]
-                column = segment_columns[which[0]] if which else OVERALL
-                value = m[f"seg_{which[0]}"] if which else OVERALL
-                out.append(
-                    dict(kind="segment", version=m["version"], column=column, value=value, bin=int(m["sbin"]), **base)
-                )
-            else:
-                i = next(i for i in range(len(f_cols)) if not m[f"g_f_{i}"])
-                out.append(
-                    dict(
-                        kind="feature",
-                        version=m["version"],
-                        column=features[i],
-                        value=OVERALL,
-                        bin=int(m[f"fbin_{i}"]),
-                        **base,
-                    )
-                )
-        return [r for r in out if r["kind"] == "feature" or r["value"] is not None]
-    parts = [
-        sa.select(
-            sa.literal("segment").label("kind"),
-            c.version,
-            sa.literal(OVERALL).label("col"),
-            sa.literal(OVERALL).label("val"),
-            c.sbin.label("bin"),
-            *sums,
-        ).group_by(c.version, c.sbin)
-    ]
-    for name, s in zip(segment_columns, seg_cols, strict=True):
-        parts.append(
-            sa.select(sa.literal("segment"), c.version, sa.literal(name), s, c.sbin, *sums)
-            .where(s.is_not(None))
-            .group_by(c.version, s, c.sbin)
-        )
-    for name, f in zip(features, f_cols, strict=True):
-        parts.append(
-            sa.select(sa.literal("feature"), c.version, sa.literal(name), sa.literal(OVERALL), f, *sums).group_by(
-                c.version, f
-            )
-        )
+    k = len(segment_columns)
+    marginals: dict[tuple[str, str, str, int], list[float]] = {}
+    positions = [BIN_MEASURES.index(m) for m in wanted]
+
+    def add(key: tuple[str, str, str, int], values: Sequence[Any]) -> None:
+        acc = marginals.setdefault(key, [0.0] * len(BIN_MEASURES))
+        for i, v in zip(positions, values, strict=True):
+            acc[i] += float(v or 0.0)
+
+    for part in conn.execute(stmt).partitions(10_000):  # no server-side cursor: PostgreSQL would not parallelise it
+        for row in part:
+            version, segs, b, values = row[0], row[1 : 1 + k], int(row[1 + k]), row[2 + k :]
+            add((version, OVERALL, OVERALL, b), values)
+            for name, value in zip(segment_columns, segs, strict=True):
+                if value is not None:
+                    add((version, name, str(value), b), values)
     return [
-        dict(
-            kind=r.kind,
-            version=r.version,
-            column=r.col,
-            value=r.val,
-            bin=int(r.bin),
-            **{k: float(r._mapping[k] or 0.0) for k in BIN_MEASURES},
-        )
-        for r in conn.execute(sa.union_all(*parts))
+        dict(kind="segment", version=v, column=c, value=val, bin=b, **dict(zip(BIN_MEASURES, acc, strict=True)))
+        for (v, c, val, b), acc in marginals.items()
     ]
