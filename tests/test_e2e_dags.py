@@ -187,3 +187,27 @@ def test_second_trigger_for_the_same_model_fails_fast(
     assert states["report"] == "failed"
     assert router.get_split(MODEL) == Split(MODEL, "v1", "v5", 10.0)
     assert time.monotonic() - started < 30
+
+
+def test_a_fail_is_confirmed_by_consecutive_looks(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    analysis = {**base_spec()["analysis"], "consecutive_fails": 2}
+    out = run_rollout(tmp_path, monkeypatch, faults=("v2:ctr_drop=0.4",), analysis=analysis)
+    actions = [d.action for d in out.decisions]
+    assert "confirm" in actions and actions.index("confirm") < actions.index("rollback")
+    confirm = next(d for d in out.decisions if d.action == "confirm")
+    assert confirm.reason.startswith("failing look 1 of 2: ctr fell")
+    assert out.rollout.status == "rolled_back" and out.rollout.reason.startswith("analysis: ctr fell")
+    assert out.split.share("v2") == 0.0
+
+
+def test_input_drift_between_the_arms_rolls_back_as_invalid(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    analysis = {**base_spec()["analysis"], "drift": {"features": ["f1"]}}
+    out = run_rollout(tmp_path, monkeypatch, faults=("v2:input_drift=1.0",), analysis=analysis)
+    assert out.state == "failed"
+    assert out.rollout.status == "rolled_back"
+    assert out.rollout.reason.startswith("analysis: comparison invalid: input f1 drift between the arms")
+    assert out.split.share("v2") == 0.0

@@ -133,6 +133,7 @@ def analyze(
         window.label_asof,
         a.segments,
         score_edges,
+        sorted({m for metric in a.metrics for m in _needs(metric)}),
     )
     segments = pd.DataFrame(rows, columns=["kind", "version", "column", "value", "bin", *queries.BIN_MEASURES])
     arms = {
@@ -189,6 +190,15 @@ _SUMS = {
 }
 
 
+def _needs(metric: MetricSpec) -> tuple[str, ...]:
+    """The sums (of :data:`queries.BIN_MEASURES`) a metric is computed from; the count is always there."""
+    if metric.kind == "mean":
+        return _SUMS[metric.value][:2]
+    if metric.kind in ("calibration", "ece"):
+        return ("y", "s", "d2")
+    return ("y",)
+
+
 def _compare(metric: MetricSpec, tolerance: float, edges: list[float], base: _Arm, can: _Arm) -> _Comparison:
     """The metric for both arms, as an estimate on its test scale with a standard error."""
     if metric.relative:
@@ -226,7 +236,7 @@ def _compare(metric: MetricSpec, tolerance: float, edges: list[float], base: _Ar
             c.auc - b.auc,
             math.sqrt(c.variance + b.variance),
             -tolerance,
-            can.bins["n"].sum() + base.bins["n"].sum(),
+            min(can.bins["n"].sum(), base.bins["n"].sum()),
             lambda x: x,
             "absolute",
         )
@@ -242,7 +252,7 @@ def _compare(metric: MetricSpec, tolerance: float, edges: list[float], base: _Ar
 
         (g_c, v_c, n_c), (g_b, v_b, n_b) = citl(can), citl(base)
         return _Comparison(
-            g_c, g_b, abs(g_c) - abs(g_b), math.sqrt(v_c + v_b), tolerance, n_c + n_b, lambda x: x, "absolute"
+            g_c, g_b, abs(g_c) - abs(g_b), math.sqrt(v_c + v_b), tolerance, min(n_c, n_b), lambda x: x, "absolute"
         )
 
     # ece
@@ -258,7 +268,7 @@ def _compare(metric: MetricSpec, tolerance: float, edges: list[float], base: _Ar
         e_c - e_b,
         math.sqrt(se_c**2 + se_b**2),
         tolerance,
-        can.bins["n"].sum() + base.bins["n"].sum(),
+        min(can.bins["n"].sum(), base.bins["n"].sum()),
         lambda x: x,
         "absolute",
     )
