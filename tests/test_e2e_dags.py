@@ -211,3 +211,21 @@ def test_input_drift_between_the_arms_rolls_back_as_invalid(
     assert out.rollout.status == "rolled_back"
     assert out.rollout.reason.startswith("analysis: comparison invalid: input f1 drift between the arms")
     assert out.split.share("v2") == 0.0
+
+
+def test_extension_ends_at_max_extension_and_rolls_back(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An INCONCLUSIVE final stage (too few samples) with policy extend looks again until
+    policies.max_extension, then the policy's fallback rolls back: it never waits forever."""
+    analysis = {**base_spec()["analysis"], "min_samples": 10_000_000}
+    started = time.monotonic()
+    out = run_rollout(
+        tmp_path, monkeypatch, analysis=analysis, policies={"inconclusive": "extend", "max_extension": "8s"}
+    )
+    extends = [d for d in out.decisions if d.action == "extend"]
+    assert 2 <= len(extends) <= 5  # every 2 s for about 8 s
+    assert out.rollout.status == "rolled_back"
+    assert out.rollout.reason.startswith("final analysis INCONCLUSIVE (policy extend, no time left to extend)")
+    assert out.task_states["decide"] == "success" and out.task_states["rollback"] == "success"
+    assert time.monotonic() - started < 90

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
-from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 from airflow.sdk import BaseBranchOperator, BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from sqlalchemy.engine import Engine
@@ -24,6 +23,7 @@ from mlcanary.verdict import Verdict
 from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import create_schema
 from mlcanary_airflow.hooks import WarehouseHook
+from mlcanary_airflow.triggers import LookAgainTrigger
 
 
 def rollout_id_of(context: Context) -> str:
@@ -130,10 +130,10 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         self.stage = stage
         self.final = final
 
-    def execute(
-        self, context: Context, event: Any = None, first_look: float | None = None, fails: int = 0
-    ) -> dict[str, Any]:
-        first_look = first_look or time.time()
+    def execute(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        state = event or {}  # what the previous look handed over (see LookAgainTrigger)
+        first_look: float = state.get("first_look") or time.time()
+        fails: int = state.get("fails", 0)
         rollout = self.rollout(context)
         with self.engine.connect() as conn:
             window = AnalysisWindow.ending_at(self.spec, utcnow(), not_before=rollout.started_at)
@@ -164,11 +164,11 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
                 reason=reason,
             )
 
-        def look_again(**kwargs: Any) -> None:
+        def look_again(fails: int = 0) -> None:
+            at = time.time() + a.interval.total_seconds()
             self.defer(
-                trigger=DateTimeTrigger(moment=_aware(utcnow() + a.interval)),
+                trigger=LookAgainTrigger(at_epoch=at, state={"first_look": first_look, "fails": fails}),
                 method_name="execute",
-                kwargs={"first_look": first_look, **kwargs},
             )
 
         if result.verdict is Verdict.FAIL:
@@ -192,10 +192,6 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         policy = p.invalid if result.verdict is Verdict.INVALID else p.inconclusive
         waited = time.time() - first_look + self.spec.analysis.interval.total_seconds()
         return policy == "extend" and waited <= p.max_extension.total_seconds()
-
-
-def _aware(naive_utc_moment: datetime) -> datetime:
-    return naive_utc_moment.replace(tzinfo=UTC)
 
 
 class DecideOperator(RolloutTaskMixin, BaseBranchOperator):

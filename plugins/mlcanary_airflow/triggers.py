@@ -120,3 +120,23 @@ class GuardrailTrigger(BaseTrigger):
                 )
                 return
             await asyncio.sleep(max(0.0, next_poll - time.time()))
+
+
+class LookAgainTrigger(BaseTrigger):
+    """Wait until ``at_epoch``, then hand ``state`` back to the task in the event.
+
+    The state travels in the event, not in the defer kwargs: ``dag.test()`` resumes a task with the
+    event alone, while a real triggerer merges both, and the two must behave the same.
+    """
+
+    def __init__(self, at_epoch: float, state: dict[str, Any]) -> None:
+        super().__init__()
+        self.at_epoch = at_epoch
+        self.state = state
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}", {"at_epoch": self.at_epoch, "state": self.state})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        await asyncio.sleep(max(0.0, self.at_epoch - time.time()))
+        yield TriggerEvent(self.state)
