@@ -110,6 +110,8 @@ def chunks(rows: int, end, chunk: int = 500_000):  # type: ignore[no-untyped-def
 
 
 def load(backend: str, url: str, rows: int, end) -> None:  # type: ignore[no-untyped-def]
+    if backend == "duckdb":
+        url = url.split("?")[0]  # building the index needs more than the analysis's memory cap
     engine = make_engine(url)
     metadata.drop_all(engine, tables=[predictions])
     predictions.create(engine)
@@ -154,6 +156,7 @@ def load(backend: str, url: str, rows: int, end) -> None:  # type: ignore[no-unt
             index.create(conn)
         if backend == "postgres":
             conn.execute(sa.text("ANALYZE predictions"))
+    engine.dispose()  # DuckDB: release the file for the measurements
     print()
 
 
@@ -193,18 +196,19 @@ def run_analysis(url: str, end_iso: str) -> None:
 
 def evidently(python: str, url: str, backend: str) -> dict:
     """Export the features and score of both arms to Parquet, then time Evidently on them."""
-    engine = make_engine(url)
+    import duckdb
+
+    assert backend == "duckdb", "the export reads the DuckDB file"
+    make_engine(url).dispose()
     folder = Path(tempfile.mkdtemp(prefix="mlcanary-evidently-"))
     cols = ", ".join([*FEATURES, "score"])
-    with engine.connect() as conn:
-        for version in ("v1", "v2"):
-            frames = pd.read_sql_query(
-                sa.text(f"SELECT {cols} FROM predictions WHERE model_version = :v"),
-                conn,
-                params={"v": version},
-                chunksize=1_000_000,
-            )
-            pd.concat(frames).to_parquet(folder / f"{version}.parquet")
+    con = duckdb.connect(make_engine(url).url.database)
+    for version in ("v1", "v2"):
+        con.execute(
+            f"COPY (SELECT {cols} FROM predictions WHERE model_version = '{version}') "
+            f"TO '{folder}/{version}.parquet' (FORMAT parquet)"
+        )
+    con.close()
     script = f"""
 import json, os, resource, time
 os.environ["DO_NOT_TRACK"] = "1"; os.environ["EVIDENTLY_DISABLE_TELEMETRY"] = "1"
@@ -229,8 +233,8 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "load_seconds": load, "rs
 def backend_url(backend: str, folder: Path) -> str:
     if backend == "sqlite":
         return f"sqlite:///{folder}/bench.db"
-    if backend == "duckdb":
-        return f"duckdb:///{folder}/bench.duckdb"
+    if backend == "duckdb":  # DuckDB's buffer pool lives in the analysing process: cap it
+        return f"duckdb:///{folder}/bench.duckdb?memory_limit=256MB"
     admin = sa.create_engine(PG)
     with admin.begin() as conn:
         conn.execute(sa.text("DROP SCHEMA IF EXISTS mlcanary_bench CASCADE"))

@@ -226,6 +226,6 @@ def test_extension_ends_at_max_extension_and_rolls_back(
     extends = [d for d in out.decisions if d.action == "extend"]
     assert 2 <= len(extends) <= 5  # every 2 s for about 8 s
     assert out.rollout.status == "rolled_back"
-    assert out.rollout.reason.startswith("final analysis INCONCLUSIVE (policy extend, no time left to extend)")
+    assert out.rollout.reason.startswith("final analysis INCONCLUSIVE (policy extend: max_extension reached)")
     assert out.task_states["decide"] == "success" and out.task_states["rollback"] == "success"
     assert time.monotonic() - started < 90

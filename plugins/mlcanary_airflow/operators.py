@@ -211,7 +211,8 @@ class DecideOperator(RolloutTaskMixin, BaseBranchOperator):
             self.log.info("final analysis PASS: promote")
             return "promote"
         policy = self.spec.policies.invalid if verdict is Verdict.INVALID else self.spec.policies.inconclusive
-        why = f"final analysis {verdict.value} (policy {policy}, no time left to extend): {reason}"
+        how = "policy extend: max_extension reached" if policy == "extend" else f"policy {policy}"
+        why = f"final analysis {verdict.value} ({how}): {reason}"
         record_decision(
             self.engine,
             rollout_id=rollout.rollout_id,
