@@ -30,6 +30,9 @@ from mlcanary.warehouse.schema import create_schema, decisions, measurements, ro
 
 pytestmark = pytest.mark.e2e
 MODEL = "unit-ranker"
+# Tuned as a user would for this traffic: ~3,000 canary samples by the last stage.
+E2E_ANALYSIS = {**base_spec()["analysis"], "sequential_n_star": 3000, "metrics": [{"name": "ctr", "tolerance": 0.15}]}
+E2E_POLICIES = {"inconclusive": "extend", "max_extension": "30s"}
 
 
 @pytest.fixture(scope="session")
@@ -61,14 +64,19 @@ def load_dag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: dict[str, An
     return bag.dags[f"rollout__{parse_spec(spec).name}"]
 
 
-def run_rollout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: tuple[str, ...] = (), **spec_overrides: Any
-) -> Outcome:
+def warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[sa.Engine, WarehouseRouter]:
+    """A fresh SQLite warehouse, reachable from the DAG through the mlcanary_warehouse connection."""
     db = tmp_path / "warehouse.db"
     engine = make_engine(f"sqlite:///{db}")
     create_schema(engine)
     monkeypatch.setenv("AIRFLOW_CONN_MLCANARY_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(db)}))
-    router = WarehouseRouter(engine)
+    return engine, WarehouseRouter(engine)
+
+
+def run_rollout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: tuple[str, ...] = (), **spec_overrides: Any
+) -> Outcome:
+    engine, router = warehouse(tmp_path, monkeypatch)
     router.set_split(Split(MODEL, "v1", None, 0.0), None)
     config = SimConfig(model=MODEL, seed=3, label_delay=timedelta(seconds=1), faults=[Fault.parse(f) for f in faults])
     sim = LiveSimulator(engine, config, rate=600, tick=0.5)
@@ -76,7 +84,8 @@ def run_rollout(
     thread.start()
     time.sleep(2)  # some baseline traffic before the rollout starts
     try:
-        dag = load_dag(tmp_path, monkeypatch, base_spec(**spec_overrides))
+        overrides = {"analysis": E2E_ANALYSIS, "policies": E2E_POLICIES, **spec_overrides}
+        dag = load_dag(tmp_path, monkeypatch, base_spec(**overrides))
         dag_run = dag.test(run_conf={"candidate_version": "v2"})
     finally:
         sim.stop_event.set()
@@ -156,11 +165,7 @@ def test_ctr_drop_with_healthy_infrastructure_rolls_back_by_analysis(
 def test_second_trigger_for_the_same_model_fails_fast(
     airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    db = tmp_path / "warehouse.db"
-    engine = make_engine(f"sqlite:///{db}")
-    create_schema(engine)
-    monkeypatch.setenv("AIRFLOW_CONN_MLCANARY_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(db)}))
-    router = WarehouseRouter(engine)
+    engine, router = warehouse(tmp_path, monkeypatch)
     router.set_split(Split(MODEL, "v1", "v5", 10.0), "other")
     with engine.begin() as conn:
         conn.execute(
@@ -192,7 +197,7 @@ def test_second_trigger_for_the_same_model_fails_fast(
 def test_a_fail_is_confirmed_by_consecutive_looks(
     airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    analysis = {**base_spec()["analysis"], "consecutive_fails": 2}
+    analysis = {**E2E_ANALYSIS, "consecutive_fails": 2}
     out = run_rollout(tmp_path, monkeypatch, faults=("v2:ctr_drop=0.4",), analysis=analysis)
     actions = [d.action for d in out.decisions]
     assert "confirm" in actions and actions.index("confirm") < actions.index("rollback")
@@ -205,7 +210,7 @@ def test_a_fail_is_confirmed_by_consecutive_looks(
 def test_input_drift_between_the_arms_rolls_back_as_invalid(
     airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    analysis = {**base_spec()["analysis"], "drift": {"features": ["f1"]}}
+    analysis = {**E2E_ANALYSIS, "drift": {"features": ["f1"]}}
     out = run_rollout(tmp_path, monkeypatch, faults=("v2:input_drift=1.0",), analysis=analysis)
     assert out.state == "failed"
     assert out.rollout.status == "rolled_back"
@@ -218,7 +223,7 @@ def test_extension_ends_at_max_extension_and_rolls_back(
 ) -> None:
     """An INCONCLUSIVE final stage (too few samples) with policy extend looks again until
     policies.max_extension, then the policy's fallback rolls back: it never waits forever."""
-    analysis = {**base_spec()["analysis"], "min_samples": 10_000_000}
+    analysis = {**E2E_ANALYSIS, "min_samples": 10_000_000}
     started = time.monotonic()
     out = run_rollout(
         tmp_path, monkeypatch, analysis=analysis, policies={"inconclusive": "extend", "max_extension": "8s"}
