@@ -117,31 +117,30 @@ def test_binned_aggregates_match_a_pandas_groupby(any_engine: sa.Engine) -> None
     sel["d"] = sel.score - sel.label
     expected = {}
     for (version, b), g in sel.groupby(["model_version", "bin"]):
-        expected[("segment", version, OVERALL, OVERALL, b)] = g
+        expected[(version, OVERALL, OVERALL, b)] = g
     for (version, cohort, b), g in sel.dropna(subset=["user_cohort"]).groupby(["model_version", "user_cohort", "bin"]):
-        expected[("segment", version, "user_cohort", cohort, b)] = g
+        expected[(version, "user_cohort", cohort, b)] = g
     v2 = df[(df.model_version == "v2") & (df.ts >= start) & (df.ts < end)]
     assert hist == list(np.bincount(np.searchsorted(f_edges, v2.f1, side="right"), minlength=4))
     latest = v2.sort_values("ts").f1.to_numpy()[-50:]
     assert recent == list(np.bincount(np.searchsorted(f_edges, latest, side="right"), minlength=4))
-    assert {(r["kind"], r["version"], r["column"], r["value"], r["bin"]) for r in got} == set(expected)
+    assert {(r["version"], r["column"], r["value"], r["bin"]) for r in got} == set(expected)
     for r in only_y:  # a subset of the measures: the others are not computed
-        g = expected[("segment", r["version"], OVERALL, OVERALL, r["bin"])]
+        g = expected[(r["version"], OVERALL, OVERALL, r["bin"])]
         assert (r["n"], r["y"], r["s"], r["d2"]) == pytest.approx((len(g), g.label.sum(), 0.0, 0.0))
     for r in got:
-        g = expected[(r["kind"], r["version"], r["column"], r["value"], r["bin"])]
+        g = expected[(r["version"], r["column"], r["value"], r["bin"])]
         assert r["n"] == len(g)
-        if r["kind"] == "segment":
-            want = [
-                g.label.sum(),
-                (g.label**2).sum(),
-                g.score.sum(),
-                (g.score**2).sum(),
-                g.d.abs().sum(),
-                (g.d**2).sum(),
-                (g.d**4).sum(),
-            ]
-            assert [r[k] for k in ("y", "y2", "s", "s2", "ad", "d2", "d4")] == pytest.approx(want)
+        want = [
+            g.label.sum(),
+            (g.label**2).sum(),
+            g.score.sum(),
+            (g.score**2).sum(),
+            g.d.abs().sum(),
+            (g.d**2).sum(),
+            (g.d**4).sum(),
+        ]
+        assert [r[k] for k in ("y", "y2", "s", "s2", "ad", "d2", "d4")] == pytest.approx(want)
 
 
 def test_bin_index_puts_edges_in_the_upper_bin(any_engine: sa.Engine) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Connection
 
-from mlcanary.spec import MetricSpec, RolloutSpec
+from mlcanary.spec import AnalysisSpec, MetricSpec, RolloutSpec
 from mlcanary.stats.auc import auc_from_bins
 from mlcanary.stats.calibration import ece_from_bins, ece_standard_error
 from mlcanary.stats.drift import drift
@@ -135,7 +135,7 @@ def analyze(
         score_edges,
         sorted({m for metric in a.metrics for m in _needs(metric)}),
     )
-    segments = pd.DataFrame(rows, columns=["kind", "version", "column", "value", "bin", *queries.BIN_MEASURES])
+    segments = pd.DataFrame(rows, columns=["version", "column", "value", "bin", *queries.BIN_MEASURES])
     arms = {
         (version, column, value): _arm(group, len(score_edges))
         for (version, column, value), group in segments.groupby(["version", "column", "value"])
@@ -341,7 +341,7 @@ def _reason(
     tolerance: float,
     n_c: int,
     n_b: int,
-    a: Any,
+    a: AnalysisSpec,
     verdict: Verdict,
 ) -> str:
     kind = "CS" if a.sequential else "CI"

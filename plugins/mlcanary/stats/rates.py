@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scipy import stats
-
 
 @dataclass(frozen=True)
 class LogRatio:
@@ -16,10 +14,6 @@ class LogRatio:
     baseline: float
     theta: float
     se: float
-
-    @property
-    def ratio(self) -> float:
-        return math.exp(self.theta) if math.isfinite(self.theta) else float("nan")
 
 
 _NAN = float("nan")
@@ -53,32 +47,3 @@ def mean_log_ratio(n_c: int, sum_c: float, sumsq_c: float, n_b: int, sum_b: floa
     var_b = max(sumsq_b - n_b * m_b * m_b, 0.0) / (n_b - 1)
     se = math.sqrt(var_c / (n_c * m_c * m_c) + var_b / (n_b * m_b * m_b))
     return LogRatio(m_c, m_b, math.log(m_c / m_b), se)
-
-
-@dataclass(frozen=True)
-class RateRatio:
-    canary_rate: float
-    baseline_rate: float
-    ratio: float  # canary / baseline
-    ci_low: float  # two-sided 1 - 2*alpha interval: each bound is a one-sided alpha test
-    ci_high: float
-
-
-def _interval(r: LogRatio, alpha: float) -> RateRatio:
-    z = float(stats.norm.ppf(1 - alpha))
-    if not math.isfinite(r.se):
-        return RateRatio(r.canary, r.baseline, r.ratio, _NAN, _NAN)
-    return RateRatio(r.canary, r.baseline, r.ratio, math.exp(r.theta - z * r.se), math.exp(r.theta + z * r.se))
-
-
-def rate_ratio(x_c: float, n_c: int, x_b: float, n_b: int, alpha: float = 0.05) -> RateRatio:
-    """The fixed-horizon Katz log interval of p_c/p_b (statsmodels ``confint_proportions_2indep``,
-    ``compare="ratio", method="log"``)."""
-    return _interval(rate_log_ratio(x_c, n_c, x_b, n_b), alpha)
-
-
-def mean_ratio(
-    n_c: int, sum_c: float, sumsq_c: float, n_b: int, sum_b: float, sumsq_b: float, alpha: float = 0.05
-) -> RateRatio:
-    """The fixed-horizon delta-method interval of m_c/m_b from count, sum and sum of squares."""
-    return _interval(mean_log_ratio(n_c, sum_c, sumsq_c, n_b, sum_b, sumsq_b), alpha)

@@ -259,6 +259,6 @@ def binned_aggregates(
             if value is not None:
                 add((version, name, str(value), b), values)
     return [
-        dict(kind="segment", version=v, column=c, value=val, bin=b, **dict(zip(BIN_MEASURES, acc, strict=True)))
+        dict(version=v, column=c, value=val, bin=b, **dict(zip(BIN_MEASURES, acc, strict=True)))
         for (v, c, val, b), acc in marginals.items()
     ]
