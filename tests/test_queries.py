@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -17,7 +18,8 @@ from mlcanary.warehouse.queries import (
     mapped_table,
     quantile_edges,
     request_counts,
-    sample_histogram,
+    sample_histograms,
+    scan_slices,
 )
 from mlcanary.warehouse.schema import predictions
 
@@ -90,14 +92,21 @@ def test_quantile_edges_and_bins_match_numpy(any_engine: sa.Engine) -> None:
     _load(any_engine, df)
     t = mapped_table("predictions", None, COLUMNS)
     start, end = T0, T0 + timedelta(seconds=600)
+    columns = {"score": (t.col("score"), 10), "latency": (t.col("latency_ms"), 4)}
     with any_engine.connect() as conn:
-        edges = quantile_edges(conn, t, "m", "v1", start, end, t.col("score"), 10, 100_000)
-        sample = quantile_edges(conn, t, "m", "v1", start, end, t.col("score"), 10, 200)
-    scores = np.sort(df[df.model_version == "v1"].score.to_numpy())
-    tiles = np.array_split(scores, 10)  # NTILE: the first tiles take the remainder
-    assert edges == pytest.approx([tile.max() for tile in tiles[:-1]])
-    latest = df[df.model_version == "v1"].sort_values("ts").score.to_numpy()[-200:]
-    assert sample == pytest.approx([t.max() for t in np.array_split(np.sort(latest), 10)[:-1]])
+        edges = quantile_edges(conn, t, "m", "v1", start, end, columns, 100_000)
+        sample = quantile_edges(conn, t, "m", "v1", start, end, columns, 200)
+    v1 = df[df.model_version == "v1"]
+
+    def tile_uppers(values: np.ndarray, bins: int) -> list[float]:
+        # NTILE: the first tiles take the remainder; the last tile's upper is no inner edge
+        return sorted({tile.max() for tile in np.array_split(np.sort(values), bins)[:-1]})
+
+    assert edges["score"] == pytest.approx(tile_uppers(v1.score.to_numpy(), 10))
+    assert edges["latency"] == pytest.approx(tile_uppers(v1.latency_ms.to_numpy(), 4))
+    latest = v1.sort_values("ts").tail(200)
+    assert sample["score"] == pytest.approx(tile_uppers(latest.score.to_numpy(), 10))
+    assert sample["latency"] == pytest.approx(tile_uppers(latest.latency_ms.to_numpy(), 4))
 
 
 def test_binned_aggregates_match_a_pandas_groupby(any_engine: sa.Engine) -> None:
@@ -110,8 +119,9 @@ def test_binned_aggregates_match_a_pandas_groupby(any_engine: sa.Engine) -> None
     with any_engine.connect() as conn:
         got = binned_aggregates(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges)
         only_y = binned_aggregates(conn, t, "m", ["v1", "v2"], start, end, asof, [], edges, ["y"])
-        hist = sample_histogram(conn, t, "m", "v2", start, end, t.col("f1"), f_edges, 100_000)
-        recent = sample_histogram(conn, t, "m", "v2", start, end, t.col("f1"), f_edges, 50)
+        wanted = {"f1": (t.col("f1"), f_edges), "score": (t.col("score"), edges)}
+        hists = sample_histograms(conn, t, "m", ["v1", "v2"], start, end, wanted, 100_000)
+        recent = sample_histograms(conn, t, "m", ["v1", "v2"], start, end, wanted, 50)
     sel = df[(df.ts >= start) & (df.ts < end) & df.label.notna() & (df.label_ts <= asof)].copy()
     sel["bin"] = np.searchsorted(edges, sel.score, side="right")
     sel["d"] = sel.score - sel.label
@@ -120,10 +130,14 @@ def test_binned_aggregates_match_a_pandas_groupby(any_engine: sa.Engine) -> None
         expected[(version, OVERALL, OVERALL, b)] = g
     for (version, cohort, b), g in sel.dropna(subset=["user_cohort"]).groupby(["model_version", "user_cohort", "bin"]):
         expected[(version, "user_cohort", cohort, b)] = g
-    v2 = df[(df.model_version == "v2") & (df.ts >= start) & (df.ts < end)]
-    assert hist == list(np.bincount(np.searchsorted(f_edges, v2.f1, side="right"), minlength=4))
-    latest = v2.sort_values("ts").f1.to_numpy()[-50:]
-    assert recent == list(np.bincount(np.searchsorted(f_edges, latest, side="right"), minlength=4))
+    for version in ("v1", "v2"):
+        arm = df[(df.model_version == version) & (df.ts >= start) & (df.ts < end)]
+        latest = arm.sort_values("ts").tail(50)
+        for name, e in (("f1", f_edges), ("score", edges)):
+            assert hists[(version, name)] == list(np.bincount(np.searchsorted(e, arm[name], side="right"), minlength=4))
+            assert recent[(version, name)] == list(
+                np.bincount(np.searchsorted(e, latest[name], side="right"), minlength=4)
+            )
     assert {(r["version"], r["column"], r["value"], r["bin"]) for r in got} == set(expected)
     for r in only_y:  # a subset of the measures: the others are not computed
         g = expected[(r["version"], OVERALL, OVERALL, r["bin"])]
@@ -141,6 +155,35 @@ def test_binned_aggregates_match_a_pandas_groupby(any_engine: sa.Engine) -> None
             (g.d**4).sum(),
         ]
         assert [r[k] for k in ("y", "y2", "s", "s2", "ad", "d2", "d4")] == pytest.approx(want)
+
+
+def test_a_sliced_scan_sums_to_the_single_scan(any_engine: sa.Engine) -> None:
+    """The parallel time slices add up to exactly what one statement over the window returns."""
+    df = _frame(n=3000, seed=7)
+    _load(any_engine, df)
+    t = mapped_table("predictions", None, COLUMNS, extra=["user_cohort"])
+    start, end, asof = T0 - timedelta(hours=1), T0 + timedelta(seconds=600), T0 + timedelta(hours=1)
+    edges = [0.25, 0.5, 0.75]
+
+    def by_key(rows: list[dict]) -> dict:
+        return {(r["version"], r["column"], r["value"], r["bin"]): r for r in rows}
+
+    with any_engine.connect() as conn:
+        whole = by_key(
+            binned_aggregates(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges, slices=1)
+        )
+        sliced = by_key(
+            binned_aggregates(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges, slices=3)
+        )
+        automatic = scan_slices(conn)
+    assert sum(r["n"] for k, r in whole.items() if k[1] == OVERALL) == df.label.notna().sum()
+    assert sliced.keys() == whole.keys()
+    for key, row in whole.items():
+        sums = {m: v for m, v in row.items() if m not in ("version", "column", "value", "bin")}
+        assert {m: sliced[key][m] for m in sums} == pytest.approx(sums, rel=1e-12)
+    # SQLite: one slice per core of a file database; PostgreSQL: its parallel workers + 1; DuckDB: 1
+    expected = {"sqlite": min(os.cpu_count() or 1, 8), "postgresql": 3, "duckdb": 1}[any_engine.dialect.name]
+    assert automatic == expected
 
 
 def test_bin_index_puts_edges_in_the_upper_bin(any_engine: sa.Engine) -> None:

@@ -8,8 +8,9 @@ Every check tests the canary against the spec's tolerance, not against the point
 - INVALID: the arms' inputs differ (drift); the comparison itself cannot be trusted.
 
 The interval is an anytime-valid confidence sequence unless the spec turns ``sequential`` off.
-All numbers come from two small warehouse queries (bin edges, then one GROUPING SETS aggregate):
-pandas and numpy only see the aggregates.
+All numbers come from three warehouse statements: the bin edges (baseline quantiles of the score
+and the drift features), the drift histograms of both arms, and one GROUP BY over (version, segment
+columns, score bin) with the sums the metrics need. pandas and numpy only see the aggregates.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from mlcanary.tables import predictions_table
 from mlcanary.verdict import CheckResult, Verdict, combine, first_reason
 from mlcanary.warehouse import queries
 from mlcanary.warehouse.queries import OVERALL
+
+_SCORE = "(score)"  # the score's key among the binned columns: no feature name can look like this
 
 
 @dataclass(frozen=True)
@@ -109,20 +112,29 @@ def analyze(
     """Run every metric of the spec, overall and per segment, and the drift checks."""
     a = spec.analysis
     table = predictions_table(spec, extra=[*a.segments, *a.drift.features])
-    args = (conn, table, spec.model, baseline_version, window.start, window.end)
-    score_edges = queries.quantile_edges(*args, table.col("score"), a.score_bins, a.edge_sample)
+    span = (window.start, window.end)
     thresholds = {m.threshold for m in a.metrics if m.kind in ("precision", "recall")}
-    score_edges = sorted(set(score_edges) | thresholds)
-    features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for f in a.drift.features:  # input drift on each arm's most recent rows: PSI noise ~ bins / sample
-        edges = queries.quantile_edges(*args, table.col(f), a.drift.bins, a.edge_sample)
-        hist = [
-            queries.sample_histogram(
-                conn, table, spec.model, v, window.start, window.end, table.col(f), edges, a.edge_sample
-            )
-            for v in (baseline_version, canary_version)
-        ]
-        features[f] = (np.array(hist[0], dtype=float), np.array(hist[1], dtype=float))
+    binned = {f: (table.col(f), a.drift.bins) for f in a.drift.features} | {_SCORE: (table.col("score"), a.score_bins)}
+    edges = queries.quantile_edges(conn, table, spec.model, baseline_version, *span, binned, a.edge_sample)
+    score_edges = sorted(set(edges.pop(_SCORE)) | thresholds)
+    # Input drift on each arm's most recent rows: PSI noise is about bins / sample size.
+    hist = (
+        queries.sample_histograms(
+            conn,
+            table,
+            spec.model,
+            [baseline_version, canary_version],
+            *span,
+            {f: (table.col(f), edges[f]) for f in a.drift.features},
+            a.edge_sample,
+        )
+        if a.drift.features
+        else {}
+    )
+    features = {
+        f: (np.array(hist[(baseline_version, f)], dtype=float), np.array(hist[(canary_version, f)], dtype=float))
+        for f in a.drift.features
+    }
     rows = queries.binned_aggregates(
         conn,
         table,

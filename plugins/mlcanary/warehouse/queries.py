@@ -9,7 +9,9 @@ where needed; values are always bound parameters.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -101,16 +103,33 @@ def resource_means(
 
 
 def _tail_sample(
-    t: MappedTable, model: str, version: str, start: datetime, end: datetime, value: ColumnElement, rows: int
+    t: MappedTable,
+    model: str,
+    version: str,
+    start: datetime,
+    end: datetime,
+    values: Sequence[ColumnElement],
+    rows: int,
+    tag: int | None = None,
 ) -> sa.Subquery:
-    """The version's most recent ``rows`` non-NULL values of ``value`` in the window (index-friendly)."""
+    """The version's most recent ``rows`` rows of the window, as columns ``c0, c1, ...`` (and ``arm``
+    = ``tag``). Index-friendly on (model, version, ts): one bounded lookup, whatever the window."""
+    tagged = [] if tag is None else [sa.literal(tag).label("arm")]
     return (
-        sa.select(value.label("v"))
-        .where(*_arm_filter(t, model, version, start, end), value.is_not(None))
+        sa.select(*tagged, *(v.label(f"c{i}") for i, v in enumerate(values)))
+        .where(*_arm_filter(t, model, version, start, end))
         .order_by(t.col("ts").desc())
-        .limit(rows)
+        .limit(sa.literal_column(str(int(rows))))  # a literal: DuckDB plans a top-N only for a constant
         .subquery()
     )
+
+
+def _materialized(cte: sa.CTE) -> sa.CTE:
+    """Compute the CTE once, however often it is read (``AS MATERIALIZED`` where the dialect has it;
+    DuckDB would otherwise run the sample once per reference)."""
+    for dialect in ("sqlite", "postgresql", "duckdb"):
+        cte = cte.prefix_with("MATERIALIZED", dialect=dialect)
+    return cte
 
 
 def quantile_edges(
@@ -120,40 +139,71 @@ def quantile_edges(
     version: str,
     start: datetime,
     end: datetime,
-    value: ColumnElement,
-    bins: int,
+    columns: Mapping[str, tuple[ColumnElement, int]],
     sample_rows: int,
-) -> list[float]:
-    """Inner edges of ``bins`` equal-count tiles of ``value`` for one version (distinct, ascending).
+) -> dict[str, list[float]]:
+    """For each named ``(value, bins)``: the inner edges of ``bins`` equal-count tiles of ``value``
+    for one version (distinct, ascending).
 
-    Computed in the warehouse with NTILE over the version's most recent ``sample_rows`` rows of the
-    window: one bounded sort, whatever the size of the window.
+    One statement: NTILE per value over the version's most recent ``sample_rows`` rows of the window,
+    a bounded sort whatever the size of the window. The sample is a materialised CTE.
     """
-    sample = _tail_sample(t, model, version, start, end, value, sample_rows)
-    tiles = sa.select(sample.c.v, sa.func.ntile(bins).over(order_by=sample.c.v).label("tile")).subquery()
-    stmt = sa.select(sa.func.max(tiles.c.v)).group_by(tiles.c.tile).order_by(tiles.c.tile)
-    uppers = [float(v) for v in conn.execute(stmt).scalars() if v is not None]
-    return sorted(set(uppers[:-1]))
+    names = list(columns)
+    sample = _tail_sample(t, model, version, start, end, [columns[n][0] for n in names], sample_rows)
+    cte = _materialized(sa.select(sample).cte("tail"))
+    branches = []
+    for i, name in enumerate(names):
+        v = cte.c[f"c{i}"]
+        tiles = (
+            sa.select(v.label("v"), sa.func.ntile(columns[name][1]).over(order_by=v).label("tile"))
+            .where(v.is_not(None))
+            .subquery()
+        )
+        branches.append(
+            sa.select(sa.literal(i).label("k"), tiles.c.tile, sa.func.max(tiles.c.v).label("upper")).group_by(
+                tiles.c.tile
+            )
+        )
+    uppers: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
+    for k, tile, upper in conn.execute(sa.union_all(*branches)):
+        if upper is not None:
+            uppers[names[int(k)]].append((int(tile), float(upper)))
+    return {n: sorted({u for _, u in sorted(found)[:-1]}) for n, found in uppers.items()}
 
 
-def sample_histogram(
+def sample_histograms(
     conn: Connection,
     t: MappedTable,
     model: str,
-    version: str,
+    versions: Sequence[str],
     start: datetime,
     end: datetime,
-    value: ColumnElement,
-    edges: Sequence[float],
+    columns: Mapping[str, tuple[ColumnElement, Sequence[float]]],
     sample_rows: int,
-) -> list[int]:
-    """Counts per bin (``len(edges) + 1`` bins) of the version's most recent ``sample_rows`` values."""
-    sample = _tail_sample(t, model, version, start, end, value, sample_rows)
-    b = bin_index(sample.c.v, edges, conn.dialect.name).label("b")
-    counts = [0] * (len(edges) + 1)
-    for k, n in conn.execute(sa.select(b, sa.func.count()).group_by(b)):
-        if k is not None and k >= 0:
-            counts[int(k)] = int(n)
+) -> dict[tuple[str, str], list[int]]:
+    """Counts per bin (``len(edges) + 1`` bins, NULLs left out) of each named ``(value, edges)`` over
+    each version's most recent ``sample_rows`` rows of the window, keyed by (version, name).
+
+    One statement: the versions' tail samples (as in :func:`quantile_edges`) in one CTE, grouped by
+    version and bin once per value.
+    """
+    names = list(columns)
+    values = [columns[n][0] for n in names]
+    arms = [
+        sa.select(_tail_sample(t, model, v, start, end, values, sample_rows, tag=j)) for j, v in enumerate(versions)
+    ]
+    cte = _materialized(sa.union_all(*arms).cte("tails"))
+    dialect = conn.dialect.name
+    branches = []
+    for i, name in enumerate(names):
+        b = bin_index(cte.c[f"c{i}"], columns[name][1], dialect).label("b")
+        branches.append(
+            sa.select(sa.literal(i).label("k"), cte.c.arm, b, sa.func.count().label("n")).group_by(cte.c.arm, b)
+        )
+    counts = {(v, n): [0] * (len(columns[n][1]) + 1) for v in versions for n in names}
+    for k, arm, b, n in conn.execute(sa.union_all(*branches)):
+        if b is not None and b >= 0:
+            counts[(versions[int(arm)], names[int(k)])][int(b)] = int(n)
     return counts
 
 
@@ -192,15 +242,20 @@ def binned_aggregates(
     segment_columns: Sequence[str],
     score_edges: Sequence[float],
     measures: Sequence[str] = BIN_MEASURES,
+    slices: int | None = None,
 ) -> list[dict[str, Any]]:
     """Per version, segment (``column``/``value``; "*" for the whole arm) and score bin, the sums of
     ``measures`` (names from :data:`BIN_MEASURES`; the rest are 0) over the label-complete rows of
     ``[start, end)``.
 
-    One scan in every dialect: a single hash GROUP BY over (version, every segment column, score bin),
-    streamed back and rolled up here into the per-segment marginals. Its result depends on the
-    segments' cardinalities and the bins, never on the number of rows, and only the marginals are
-    kept. (GROUPING SETS were measured slower: PostgreSQL ran one sort per set.)
+    One scan: a single hash GROUP BY over (version, every segment column, score bin), rolled up here
+    into the per-segment marginals. Its result depends on the segments' cardinalities and the bins,
+    never on the number of rows. (GROUPING SETS were measured slower: PostgreSQL ran one sort per set.)
+
+    The scan is split into ``slices`` consecutive time slices, aggregated at once on connections of
+    their own and summed here: a parallel partial aggregate for the dialects that run one statement
+    on one core (SQLite) or cannot plan one for this GROUP BY (PostgreSQL). ``None``: see
+    :func:`scan_slices`.
     """
     label, score = t.col("label"), t.col("score")
     d = score - label
@@ -218,18 +273,34 @@ def binned_aggregates(
     wanted = [m for m in BIN_MEASURES if m == "n" or m in measures]
     sums = [available[m] for m in wanted]
     keys = [t.col("version"), *(t.col(c) for c in segment_columns), bin_index(score, score_edges, conn.dialect.name)]
-    stmt = (
-        sa.select(*keys, *sums)
-        .where(
-            t.col("model") == model,
-            t.col("version").in_(list(versions)),
-            t.col("ts") >= start,
-            t.col("ts") < end,
-            label.is_not(None),
-            t.col("label_ts") <= label_asof,
+
+    def statement(lo: datetime, hi: datetime) -> sa.Select:
+        return (
+            sa.select(*keys, *sums)
+            .where(
+                t.col("model") == model,
+                t.col("version").in_(list(versions)),
+                t.col("ts") >= lo,
+                t.col("ts") < hi,
+                label.is_not(None),
+                t.col("label_ts") <= label_asof,
+            )
+            .group_by(*keys)
         )
-        .group_by(*keys)
-    )
+
+    count = scan_slices(conn) if slices is None else slices
+    bounds = _time_slices(start, end, *_data_span(conn, t, model, versions, start, end), count) if count > 1 else []
+    if len(bounds) <= 1:
+        result = _aggregate(conn, statement(start, end))
+    else:
+        engine = conn.engine
+
+        def run(bound: tuple[datetime, datetime]) -> list[sa.Row]:
+            with engine.connect() as own:
+                return _aggregate(own, statement(*bound))
+
+        with ThreadPoolExecutor(len(bounds), thread_name_prefix="mlcanary-scan") as pool:
+            result = [row for part in pool.map(run, bounds) for row in part]
     k = len(segment_columns)
     marginals: dict[tuple[str, str, str, int], list[float]] = {}
     positions = [BIN_MEASURES.index(m) for m in wanted]
@@ -239,19 +310,6 @@ def binned_aggregates(
         for i, v in zip(positions, values, strict=True):
             acc[i] += float(v or 0.0)
 
-    postgres = conn.dialect.name == "postgresql"
-    if postgres:
-        # PostgreSQL cannot estimate the number of score bins, takes every row for a group, and sorts
-        # the whole window to disk (15 s at 10 M rows). The groups are bounded by the segment cube,
-        # so hash them (7 s), and skip JIT compilation (1 s). Reset right after the statement.
-        conn.execute(sa.text("SET LOCAL enable_sort = off"))
-        conn.execute(sa.text("SET LOCAL jit = off"))
-    try:
-        result = conn.execute(stmt).all()  # no server-side cursor: PostgreSQL would not parallelise it
-    finally:
-        if postgres:
-            conn.execute(sa.text("RESET enable_sort"))
-            conn.execute(sa.text("RESET jit"))
     for row in result:
         version, segs, b, values = row[0], row[1 : 1 + k], int(row[1 + k]), row[2 + k :]
         add((version, OVERALL, OVERALL, b), values)
@@ -262,3 +320,71 @@ def binned_aggregates(
         dict(version=v, column=c, value=val, bin=b, **dict(zip(BIN_MEASURES, acc, strict=True)))
         for (v, c, val, b), acc in marginals.items()
     ]
+
+
+MAX_SLICES = 8
+
+
+def scan_slices(conn: Connection) -> int:
+    """How many time slices :func:`binned_aggregates` runs at once on this connection's database.
+
+    - SQLite runs a statement on one core: one slice per core of this machine (a file database only;
+      an in-memory one is private to its connection).
+    - PostgreSQL plans no parallel aggregate for this GROUP BY (it cannot estimate the score bins):
+      as many slices as it would run processes for one query, ``max_parallel_workers_per_gather + 1``.
+    - Others (DuckDB, warehouses) parallelise a statement themselves: one slice.
+    """
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        database = conn.engine.url.database
+        if not database or database == ":memory:" or database.startswith("file::memory:"):
+            return 1
+        return max(1, min(os.cpu_count() or 1, MAX_SLICES))
+    if dialect == "postgresql":
+        workers = conn.execute(sa.text("SELECT current_setting('max_parallel_workers_per_gather')::int")).scalar()
+        return max(1, min(int(workers or 0) + 1, MAX_SLICES))
+    return 1
+
+
+def _data_span(
+    conn: Connection, t: MappedTable, model: str, versions: Sequence[str], start: datetime, end: datetime
+) -> tuple[datetime | None, datetime | None]:
+    """The first and last timestamp of the versions' rows in ``[start, end)``: index lookups."""
+    ts = t.col("ts")
+    firsts, lasts = [], []
+    for version in versions:
+        where = _arm_filter(t, model, version, start, end)
+        firsts.append(sa.select(sa.func.min(ts, type_=sa.DateTime)).where(*where).scalar_subquery())
+        lasts.append(sa.select(sa.func.max(ts, type_=sa.DateTime)).where(*where).scalar_subquery())
+    found = conn.execute(sa.select(*firsts, *lasts)).one()
+    first = [v for v in found[: len(versions)] if v is not None]
+    last = [v for v in found[len(versions) :] if v is not None]
+    return (min(first), max(last)) if first and last else (None, None)
+
+
+def _time_slices(
+    start: datetime, end: datetime, first: datetime | None, last: datetime | None, count: int
+) -> list[tuple[datetime, datetime]]:
+    """``[start, end)`` cut into ``count`` consecutive slices, the cuts spread evenly over the span
+    of the data (``first`` ... ``last``), so that each slice holds a similar share of the rows."""
+    if count <= 1 or first is None or last is None or last <= first:
+        return [(start, end)]
+    step = (last - first) / count
+    cuts = [first + step * i for i in range(1, count)]
+    return list(zip([start, *cuts], [*cuts, end], strict=True))
+
+
+def _aggregate(conn: Connection, stmt: sa.Select) -> list[sa.Row]:
+    """Run a binned GROUP BY; on PostgreSQL as a hash aggregate without JIT."""
+    if conn.dialect.name != "postgresql":
+        return list(conn.execute(stmt).all())
+    # PostgreSQL cannot estimate the number of score bins, takes every row for a group, and sorts the
+    # whole window to disk (15 s at 10 M rows). The groups are bounded by the segment cube, so hash
+    # them (7 s), and skip JIT compilation (1 s). Reset right after the statement.
+    conn.execute(sa.text("SET LOCAL enable_sort = off"))
+    conn.execute(sa.text("SET LOCAL jit = off"))
+    try:
+        return list(conn.execute(stmt).all())
+    finally:
+        conn.execute(sa.text("RESET enable_sort"))
+        conn.execute(sa.text("RESET jit"))
