@@ -32,11 +32,15 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
+# Debian's prometheus + promtool, unpacked into the venv for the Prometheus tests (no system install).
+$(VENV)/prometheus/usr/bin/prometheus: scripts/fetch_prometheus.sh | $(BIN)/python
+	scripts/fetch_prometheus.sh $(VENV)/prometheus
+
 demo: $(VENV)/.runtime  ## three real rollouts against the simulator (about 3 minutes)
 	@mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/python scripts/demo.py
 
-test: $(VENV)/.dev lint  ## the whole test suite
+test: $(VENV)/.dev $(VENV)/prometheus/usr/bin/prometheus lint  ## the whole test suite
 	$(BIN)/pytest
 
 lint: $(VENV)/.dev

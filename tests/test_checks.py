@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -11,14 +11,15 @@ import sqlalchemy as sa
 from conftest import Writer, base_spec
 from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.guardrails import evaluate_guardrails
+from mlcanary.sources import WarehouseMetrics
 from mlcanary.spec import RolloutSpec, parse_spec
 from mlcanary.verdict import Verdict
 from mlcanary.warehouse.engine import utcnow
+from mlcanary.warehouse.schema import predictions
 
 
 def _guard(engine: sa.Engine, spec: RolloutSpec, at=None):  # type: ignore[no-untyped-def]
-    with engine.connect() as conn:
-        return evaluate_guardrails(conn, spec, "v2", at or utcnow(), "v1")
+    return evaluate_guardrails(WarehouseMetrics(engine, spec), spec, "v2", at or utcnow(), "v1")
 
 
 def _by_check(result) -> dict[str, Verdict]:  # type: ignore[no-untyped-def]
@@ -39,7 +40,7 @@ def test_guardrails_pass_on_healthy_canary(engine: sa.Engine, spec: RolloutSpec,
     ("fault", "failing"),
     [
         ("v2:latency_ms=300", "p99_latency_ms"),
-        ("v2:error_rate=0.05", "success_rate"),
+        ("v2:error_rate=0.2", "success_rate"),
         ("v2:cpu=0.97", "cpu"),
         ("v2:memory=0.99", "memory"),
     ],
@@ -61,6 +62,70 @@ def test_guardrails_never_pass_without_evidence(engine: sa.Engine, spec: Rollout
     thin = _guard(engine, spec, now)
     assert _by_check(thin)["success_rate"] is Verdict.INCONCLUSIVE
     assert thin.verdict is Verdict.INCONCLUSIVE
+
+
+def _requests(engine: sa.Engine, version: str, n: int, failed: int, end: datetime, seconds: float = 3.0) -> None:
+    """Exactly ``n`` requests of ``version`` in the ``seconds`` before ``end``, ``failed`` of them failed."""
+    rows = [
+        dict(
+            request_id=f"{version}-{end:%H%M%S}-{i}",
+            ts=end - timedelta(seconds=seconds * (i + 0.5) / n),
+            model="unit-ranker",
+            model_version=version,
+            latency_ms=50.0,
+            success=int(i >= failed),
+        )
+        for i in range(n)
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(predictions), rows)
+
+
+def test_error_budget_is_a_count_test(engine: sa.Engine, spec: RolloutSpec) -> None:
+    """3 % failed against a 2 % budget: not significant on 300 requests (the stage holds); on 30,000 it is."""
+    now = utcnow()
+    _requests(engine, "v2", 300, 9, now)
+    held = next(c for c in _guard(engine, spec, now).checks if c.check == "success_rate")
+    assert held.verdict is Verdict.INCONCLUSIVE
+    assert "97.00 % < 98.00 % but not significantly" in held.reason and "holding" in held.reason
+    later = now + timedelta(minutes=1)
+    _requests(engine, "v2", 30_000, 900, later)
+    failed = next(c for c in _guard(engine, spec, later).checks if c.check == "success_rate")
+    assert failed.verdict is Verdict.FAIL and "error budget" in failed.reason
+    assert (failed.canary_value, failed.canary_n) == (pytest.approx(0.97), 30_000)
+
+
+def _relative(**baseline: object) -> RolloutSpec:
+    g = {**base_spec()["guardrails"], "window": "1m", "baseline": baseline}
+    return parse_spec(base_spec(guardrails=g))
+
+
+def test_shared_outage_holds_instead_of_failing_the_canary(engine: sa.Engine, write_batch: Writer) -> None:
+    now = write_batch(engine, minutes=2, rate=200, faults=("v1:error_rate=0.2", "v2:error_rate=0.2"))
+    excused = _guard(engine, _relative(excuse_shared_breach=True), now)
+    checks = {c.check: c for c in excused.checks}
+    assert checks["success_rate"].verdict is Verdict.INCONCLUSIVE
+    assert "shared with the baseline" in checks["success_rate"].reason
+    assert checks["error_rate_vs_baseline"].verdict is Verdict.PASS
+    assert excused.verdict is Verdict.INCONCLUSIVE  # the stage holds: no bake, no rollback
+    strict = _guard(engine, _relative(excuse_shared_breach=False), now)
+    assert strict.verdict is Verdict.FAIL and strict.reason.startswith("success_rate")
+
+
+def test_canary_worse_than_the_baseline_fails_the_relative_checks(engine: sa.Engine, write_batch: Writer) -> None:
+    # Both within the absolute SLOs (98 %, 250 ms), but the canary is clearly worse than the baseline.
+    now = write_batch(engine, minutes=2, rate=400, faults=("v2:error_rate=0.012", "v2:latency_ms=80"), seed=2)
+    result = _guard(engine, _relative(error_rate_ratio_max=1.5, p99_latency_ratio_max=1.2), now)
+    checks = {c.check: c for c in result.checks}
+    assert checks["success_rate"].verdict is Verdict.PASS and checks["p99_latency_ms"].verdict is Verdict.PASS
+    assert checks["error_rate_vs_baseline"].verdict is Verdict.FAIL
+    assert checks["p99_latency_vs_baseline"].verdict is Verdict.FAIL
+    assert "slower than" in checks["p99_latency_vs_baseline"].reason
+    assert result.verdict is Verdict.FAIL
+    same = write_batch(engine, minutes=2, rate=400, seed=3, end=now + timedelta(minutes=10))
+    healthy = _guard(engine, _relative(error_rate_ratio_max=1.5, p99_latency_ratio_max=1.2), same)
+    assert {c.check: c.verdict for c in healthy.checks}["error_rate_vs_baseline"] is Verdict.PASS
+    assert {c.check: c.verdict for c in healthy.checks}["p99_latency_vs_baseline"] is Verdict.PASS
 
 
 def test_guardrail_window_is_sliding(engine: sa.Engine, spec: RolloutSpec, write_batch: Writer) -> None:

@@ -14,6 +14,7 @@ from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.guardrails import evaluate_guardrails
 from mlcanary.routers.base import Split
 from mlcanary.routers.warehouse import WarehouseRouter
+from mlcanary.sources import WarehouseMetrics
 from mlcanary.spec import parse_spec
 from mlcanary.warehouse.engine import utcnow
 
@@ -43,6 +44,7 @@ def test_sqlite_postgres_and_duckdb_agree(
     ]
     spec = parse_spec(
         base_spec(
+            guardrails={**base_spec()["guardrails"], "window": "1m", "baseline": {"p99_latency_ratio_max": 1.2}},
             analysis={
                 **base_spec()["analysis"],
                 "min_samples": 200,
@@ -50,7 +52,7 @@ def test_sqlite_postgres_and_duckdb_agree(
                 "metrics": metrics,
                 "edge_sample": 1_000_000,
                 "drift": {"features": ["f1", "f2"]},
-            }
+            },
         )
     )
     end = utcnow().replace(microsecond=0)
@@ -60,7 +62,8 @@ def test_sqlite_postgres_and_duckdb_agree(
     results = {}
     for name, eng in (("sqlite", engine), ("other", other_engine)):
         with eng.connect() as conn:
-            results[name] = (analyze(conn, spec, "v1", "v2", window), evaluate_guardrails(conn, spec, "v2", end, "v1"))
+            analysis = analyze(conn, spec, "v1", "v2", window)
+        results[name] = (analysis, evaluate_guardrails(WarehouseMetrics(eng, spec), spec, "v2", end, "v1"))
     (a_lite, g_lite), (a_pg, g_pg) = results["sqlite"], results["other"]
     assert a_lite.verdict == a_pg.verdict and g_lite.verdict == g_pg.verdict
     assert len(a_lite.checks) == len(a_pg.checks) > 1

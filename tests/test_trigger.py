@@ -7,6 +7,7 @@ import importlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,11 +18,13 @@ from mlcanary.warehouse.schema import measurements
 from mlcanary_airflow.triggers import GuardrailTrigger
 
 
-def _trigger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bake: float, limit: float) -> GuardrailTrigger:
+def _trigger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bake: float, limit: float, **guardrails: Any
+) -> GuardrailTrigger:
     monkeypatch.setenv(
         "AIRFLOW_CONN_MLCANARY_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "warehouse.db")})
     )
-    spec = parse_spec(base_spec())
+    spec = parse_spec(base_spec(guardrails={**base_spec()["guardrails"], **guardrails}))
     return GuardrailTrigger(
         spec=spec.model_dump(mode="json", by_alias=True),
         rollout_id="r",
@@ -80,3 +83,40 @@ def test_healthy_after_a_full_bake(
     event = _first_event(_trigger(tmp_path, monkeypatch, bake=2, limit=20))
     assert event["status"] == "healthy"
     assert event["healthy_seconds"] >= 2 and event["polls"] >= 3
+
+
+def test_no_data_fails_after_the_limit_under_policy_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine
+) -> None:
+    event = _first_event(_trigger(tmp_path, monkeypatch, bake=1, limit=30, no_data_limit=3, no_data_policy="fail"))
+    assert event["status"] == "no_data" and event["polls"] == 3
+    assert event["reason"].startswith("3 polls in a row without enough data (success_rate, p99_latency_ms")
+    assert _polls(engine) == 3
+
+
+def test_no_data_holds_until_the_deadline_under_policy_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine
+) -> None:
+    event = _first_event(_trigger(tmp_path, monkeypatch, bake=1, limit=3, no_data_limit=1, no_data_policy="hold"))
+    assert event["status"] == "timeout" and event["polls"] >= 3
+
+
+def test_source_errors_are_retried_then_fail_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine
+) -> None:
+    """Prometheus unreachable: each error is recorded, retried, and the 4th in a row fails the stage."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PROMETHEUS_DEFAULT", json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9})
+    )
+    queries = {"requests": "sum(r)", "failures": "sum(f)", "p99_latency_ms": "p", "cpu": "c", "memory": "m"}
+    started = time.monotonic()
+    event = _first_event(
+        _trigger(tmp_path, monkeypatch, bake=1, limit=60, source={"kind": "prometheus", "queries": queries})
+    )
+    assert event["status"] == "error" and event["polls"] == 4
+    assert "metric source error 4 of 4 in a row" in event["reason"] and "unreachable" in event["reason"]
+    assert time.monotonic() - started < 10  # retried after 1, 1, 1 s (the interval caps the backoff)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(measurements).order_by(measurements.c.id)).all()
+    assert [(r.check_name, r.verdict) for r in rows] == [("metric_source", "INVALID")] * 4
+    assert rows[0].reason.startswith("metric source error 1 of 4 in a row: MetricSourceError: Prometheus at")

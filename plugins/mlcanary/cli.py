@@ -22,6 +22,7 @@ from mlcanary.report import format_report, format_table, recent_rollouts, rollou
 from mlcanary.routers.base import Split
 from mlcanary.routers.warehouse import WarehouseRouter
 from mlcanary.simulator import FAULT_KINDS, Fault, LiveSimulator, SimConfig, simulate_batch
+from mlcanary.sources import MetricSourceError, source_for
 from mlcanary.spec import SpecError, load_spec, parse_duration, spec_files
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import make_engine, naive_utc, utcnow
@@ -114,8 +115,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_guardrails(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     at = args.at or utcnow()
-    with _engine(args).connect() as conn:
-        result = evaluate_guardrails(conn, spec, args.canary_version, at, args.baseline_version)
+    prometheus = spec.guardrails.source.kind == "prometheus"
+    if prometheus and not args.prometheus_url:
+        raise UsageError(
+            f"{args.spec}: the guardrails read Prometheus: give --prometheus-url (or MLCANARY_PROMETHEUS_URL)"
+        )
+    source = source_for(spec, None if prometheus else _engine(args), args.prometheus_url)
+    try:
+        result = evaluate_guardrails(source, spec, args.canary_version, at, args.baseline_version)
+    except MetricSourceError as exc:
+        raise UsageError(f"cannot read the guardrail metrics: {exc}") from None
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -240,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     _warehouse(p)
     versions(p)
     p.add_argument("--at", type=_time, help="end of the guardrail window (default: now)")
+    p.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("MLCANARY_PROMETHEUS_URL"),
+        help="base URL of Prometheus, for specs whose guardrails read it (default: $MLCANARY_PROMETHEUS_URL)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_guardrails)
 

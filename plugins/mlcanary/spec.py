@@ -98,6 +98,59 @@ class Stage(_Model):
     bake: Duration
 
 
+class PrometheusQueries(_Model):
+    """PromQL templates, run as instant queries at the end of each guardrail window.
+
+    ``$model``, ``$version`` and ``$window`` (the window as a PromQL duration, e.g. ``120s``) are
+    substituted; the model and version are escaped for a PromQL string. Each query must return one
+    number (a scalar, or a vector of one sample); an empty result means no data.
+    """
+
+    requests: str  # requests in the window, e.g. sum(increase(requests_total{...}[$window]))
+    failures: str  # failed requests in the window
+    p99_latency_ms: str | None = None  # e.g. 1000 * histogram_quantile(0.99, sum by (le) (increase(..._bucket[...])))
+    latency_buckets: str | None = None  # sum by (le) (increase(..._bucket{...}[$window])), seconds: relative latency
+    cpu: str | None = None  # mean CPU utilisation (0-1) of the version's hosts
+    memory: str | None = None  # mean memory utilisation (0-1)
+
+
+class MetricSourceSpec(_Model):
+    """Where the fast guardrails read their metrics: the warehouse (default) or Prometheus."""
+
+    kind: Literal["warehouse", "prometheus"] = "warehouse"
+    conn_id: str | None = None  # prometheus: the Airflow connection with its URL (default prometheus_default)
+    timeout: Duration = timedelta(seconds=10)
+    queries: PrometheusQueries | None = None
+
+    @model_validator(mode="after")
+    def _queries_for_prometheus(self) -> MetricSourceSpec:
+        if self.kind == "prometheus" and self.queries is None:
+            raise ValueError("a prometheus source needs queries (PromQL templates for requests and failures)")
+        if self.kind == "warehouse" and self.queries is not None:
+            raise ValueError("queries apply to a prometheus source only")
+        return self
+
+    @property
+    def prometheus_conn_id(self) -> str:
+        return self.conn_id or "prometheus_default"
+
+
+class BaselineChecks(_Model):
+    """The canary against the baseline arm in the same window (off unless the spec has this section)."""
+
+    error_rate_ratio_max: Annotated[float, Field(gt=1)] | None = 2.0  # canary error rate / baseline's, tested
+    p99_latency_ratio_max: Annotated[float, Field(gt=1)] | None = 1.25  # canary P99 / baseline P99, tested
+    # An absolute breach the baseline shows too in the same window (a shared outage) holds the stage
+    # instead of failing the canary; the relative checks above still fail a canary that is worse.
+    excuse_shared_breach: bool = False
+
+    @model_validator(mode="after")
+    def _something_to_check(self) -> BaselineChecks:
+        if self.error_rate_ratio_max is None and self.p99_latency_ratio_max is None and not self.excuse_shared_breach:
+            raise ValueError("baseline checks are all off: remove the section or set a ratio")
+        return self
+
+
 class GuardrailSpec(_Model):
     interval: Duration = timedelta(seconds=30)
     window: Duration = timedelta(minutes=2)
@@ -106,13 +159,34 @@ class GuardrailSpec(_Model):
     p99_latency_ms_max: Annotated[float, Field(gt=0)] | None = 500.0
     cpu_max: Fraction | None = 0.90
     memory_max: Fraction | None = 0.95
+    alpha: Fraction = 0.01  # level of the count tests (error budget, baseline comparisons), per poll
     consecutive_breaches: Annotated[int, Field(ge=1)] = 1
+    no_data_limit: Annotated[int, Field(ge=1)] = 5  # polls in a row without enough data ...
+    no_data_policy: Literal["fail", "hold"] = "fail"  # ... then fail the stage, or hold it until the deadline
+    error_limit: Annotated[int, Field(ge=1)] = 4  # metric-source errors in a row before failing closed
     deadline_margin: Duration = timedelta(minutes=10)
+    source: MetricSourceSpec = MetricSourceSpec()
+    baseline: BaselineChecks | None = None
 
     @model_validator(mode="after")
     def _window_covers_interval(self) -> GuardrailSpec:
         if self.window < self.interval:
             raise ValueError("window must be at least one interval long")
+        q = self.source.queries
+        if q is not None:
+            for name, limit in (
+                ("p99_latency_ms", self.p99_latency_ms_max),
+                ("cpu", self.cpu_max),
+                ("memory", self.memory_max),
+            ):
+                if limit is not None and getattr(q, name) is None:
+                    raise ValueError(f"source.queries.{name} is needed for the {name} limit (or set the limit to null)")
+            if self.baseline and self.baseline.p99_latency_ratio_max is not None:
+                missing = [n for n in ("p99_latency_ms", "latency_buckets") if getattr(q, n) is None]
+                if missing:
+                    raise ValueError(
+                        f"baseline.p99_latency_ratio_max with a prometheus source needs source.queries.{missing[0]}"
+                    )
         return self
 
 

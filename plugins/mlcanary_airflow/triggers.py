@@ -12,10 +12,11 @@ from asgiref.sync import sync_to_async
 
 from mlcanary.audit import record_checks
 from mlcanary.guardrails import GuardrailResult, evaluate_guardrails
+from mlcanary.sources import MetricSource
 from mlcanary.spec import RolloutSpec
-from mlcanary.verdict import Verdict
+from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import utcnow
-from mlcanary_airflow.hooks import WarehouseHook
+from mlcanary_airflow.hooks import WarehouseHook, metric_source
 
 
 class GuardrailTrigger(BaseTrigger):
@@ -23,10 +24,14 @@ class GuardrailTrigger(BaseTrigger):
 
     - ``healthy``: healthy polls have covered ``bake_seconds`` (polls with no data do not count);
     - ``breach``: ``guardrails.consecutive_breaches`` failing polls in a row;
+    - ``no_data``: ``guardrails.no_data_limit`` polls in a row without enough data, under the
+      policy ``fail`` (under ``hold`` the stage waits for data until the deadline);
+    - ``error``: ``guardrails.error_limit`` metric-source errors in a row (fail closed); an error is
+      retried after 1, 2, 4 ... seconds, never later than the next interval;
     - ``timeout``: ``deadline_epoch`` passed first. The deadline is absolute and enforced here,
       so ``dag.test()`` (which ignores defer timeouts) and a moved trigger behave the same.
 
-    Every poll is written to the measurements table.
+    Every poll, and every source error, is written to the measurements table.
     """
 
     def __init__(
@@ -62,43 +67,90 @@ class GuardrailTrigger(BaseTrigger):
             ),
         )
 
-    def _poll(self, spec: RolloutSpec) -> GuardrailResult:
-        engine = WarehouseHook(spec.warehouse.conn_id).get_engine()
-        with engine.connect() as conn:
-            result = evaluate_guardrails(conn, spec, self.canary_version, utcnow(), self.baseline_version)
-        with engine.begin() as conn:
+    def _record(self, spec: RolloutSpec, checks: list[CheckResult]) -> None:
+        with WarehouseHook(spec.warehouse.conn_id).get_engine().begin() as conn:
             record_checks(
                 conn,
-                result.checks,
+                checks,
                 model=spec.model,
                 rollout_id=self.rollout_id,
                 stage=self.stage,
                 baseline_version=self.baseline_version,
                 canary_version=self.canary_version,
             )
+
+    def _poll(self, spec: RolloutSpec, source: MetricSource) -> GuardrailResult:
+        result = evaluate_guardrails(source, spec, self.canary_version, utcnow(), self.baseline_version)
+        self._record(spec, result.checks)
         return result
+
+    def _record_error(self, spec: RolloutSpec, error: Exception, errors: int) -> str:
+        now = utcnow()
+        reason = (
+            f"metric source error {errors} of {spec.guardrails.error_limit} in a row: {type(error).__name__}: {error}"
+        )
+        try:
+            self._record(
+                spec,
+                [
+                    CheckResult(
+                        tier="guardrail",
+                        check="metric_source",
+                        segment="*",
+                        verdict=Verdict.INVALID,
+                        reason=reason,
+                        window_start=now - spec.guardrails.window,
+                        window_end=now,
+                        gating=False,
+                    )
+                ],
+            )
+        except Exception as exc:  # the warehouse itself is the failing source: the event still says why
+            self.log.warning("could not record the source error: %s", exc)
+        return reason
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         spec = RolloutSpec.model_validate(self.spec)
-        interval = spec.guardrails.interval.total_seconds()
+        g = spec.guardrails
+        interval = g.interval.total_seconds()
         healthy = 0.0
-        breaches = 0
-        polls = 0
+        breaches = no_data = errors = polls = 0
         last_ok_at: float | None = None
-        last: GuardrailResult | None = None
+        reason = "no poll yet"
+        source: MetricSource | None = None
         while True:
             polled_at = time.time()
-            last = await sync_to_async(self._poll)(spec)
             polls += 1
-            base = {"polls": polls, "healthy_seconds": healthy, "reason": last.reason, "result": last.to_dict()}
+            try:
+                source = source or await sync_to_async(metric_source)(spec)
+                last = await sync_to_async(self._poll)(spec, source)
+            except Exception as exc:  # any source failure is retried, then fails closed
+                errors += 1
+                last_ok_at = None
+                reason = await sync_to_async(self._record_error)(spec, exc, errors)
+                self.log.warning("guardrails stage %d: %s", self.stage, reason)
+                base = {"polls": polls, "healthy_seconds": healthy, "reason": reason, "result": None}
+                if errors >= g.error_limit:
+                    yield TriggerEvent({"status": "error", **base})
+                    return
+                retry = polled_at + min(interval, 2.0 ** (errors - 1))
+                if retry > self.deadline_epoch:
+                    yield TriggerEvent({"status": "timeout", **base, "reason": f"deadline passed; {reason}"})
+                    return
+                await asyncio.sleep(max(0.0, retry - time.time()))
+                continue
+            errors = 0
+            reason = last.reason
+            base = {"polls": polls, "healthy_seconds": healthy, "reason": reason, "result": last.to_dict()}
             if last.verdict is Verdict.FAIL:
                 breaches += 1
                 last_ok_at = None
-                if breaches >= spec.guardrails.consecutive_breaches:
+                if breaches >= g.consecutive_breaches:
                     yield TriggerEvent({"status": "breach", **base})
                     return
             else:
                 breaches = 0
+            no_data = no_data + 1 if last.missing else 0
             if last.verdict is Verdict.PASS:
                 if last_ok_at is not None:
                     healthy += polled_at - last_ok_at
@@ -107,7 +159,17 @@ class GuardrailTrigger(BaseTrigger):
                     yield TriggerEvent({"status": "healthy", **base, "healthy_seconds": healthy})
                     return
             elif last.verdict is not Verdict.FAIL:
-                last_ok_at = None  # no data: the bake does not advance
+                last_ok_at = None  # no data, or not yet significant: the bake does not advance
+            if no_data >= g.no_data_limit and g.no_data_policy == "fail":
+                yield TriggerEvent(
+                    {
+                        "status": "no_data",
+                        **base,
+                        "reason": f"{no_data} polls in a row without enough data "
+                        f"({', '.join(last.missing)}); policy fail: {reason}",
+                    }
+                )
+                return
             next_poll = polled_at + interval
             if next_poll > self.deadline_epoch:
                 yield TriggerEvent(
@@ -115,7 +177,7 @@ class GuardrailTrigger(BaseTrigger):
                         "status": "timeout",
                         **base,
                         "reason": f"deadline passed with {healthy:.0f} s of {self.bake_seconds:.0f} s "
-                        f"baked healthy; last poll: {last.reason}",
+                        f"baked healthy; last poll: {reason}",
                     }
                 )
                 return
