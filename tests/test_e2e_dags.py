@@ -26,7 +26,7 @@ from mlcanary.routers.warehouse import WarehouseRouter
 from mlcanary.simulator import Fault, LiveSimulator, SimConfig
 from mlcanary.spec import parse_spec
 from mlcanary.warehouse.engine import make_engine
-from mlcanary.warehouse.schema import create_schema, decisions, measurements, rollouts, traffic_history
+from mlcanary.warehouse.schema import create_schema, decisions, measurements, predictions, rollouts, traffic_history
 
 pytestmark = pytest.mark.e2e
 MODEL = "unit-ranker"
@@ -160,6 +160,35 @@ def test_ctr_drop_with_healthy_infrastructure_rolls_back_by_analysis(
     failed = [t for t, s in out.task_states.items() if s == "failed"]
     assert set(failed) <= {"report"} | {f"stage_{n}.analysis" for n in (1, 2, 3)}
     assert not any(t.endswith("guardrails") for t in failed)  # the infrastructure stayed healthy
+
+
+@pytest.mark.parametrize("kind", ["latency", "errors"])
+def test_reaction_time_from_unhealthy_data_to_zero_traffic(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """From the first unhealthy canary request to the canary at 0 %: at most one poll interval + 15 s."""
+    interval = 5.0
+    fault = {"latency": "v2:latency_ms=300;min_percent=30", "errors": "v2:error_rate=0.5;min_percent=30"}[kind]
+    guardrails = {**base_spec()["guardrails"], "interval": f"{interval:g}s", "window": "10s"}
+    out = run_rollout(tmp_path, monkeypatch, faults=(fault,), guardrails=guardrails)
+    assert out.rollout.status == "rolled_back" and out.rollout.stage_reached == 2
+    p = predictions.c
+    with make_engine(f"sqlite:///{tmp_path}/warehouse.db").connect() as conn:
+        shifted = conn.execute(
+            sa.select(sa.func.min(traffic_history.c.applied_at)).where(traffic_history.c.to_percent == 30)
+        ).scalar()
+        unhealthy = (
+            (p.latency_ms > 250) if kind == "latency" else (p.success == 0) & (p.ts >= shifted - timedelta(seconds=1))
+        )
+        first_bad = conn.execute(sa.select(sa.func.min(p.ts)).where(p.model_version == "v2", unhealthy)).scalar()
+        zero = conn.execute(
+            sa.select(sa.func.min(traffic_history.c.applied_at)).where(
+                traffic_history.c.applied, traffic_history.c.to_percent == 0
+            )
+        ).scalar()
+    reaction = (zero - first_bad).total_seconds()
+    print(f"\nreaction time ({kind}): {reaction:.1f} s from the first bad request to 0 % (polls every {interval:g} s)")
+    assert 0 < reaction <= interval + 15
 
 
 def test_second_trigger_for_the_same_model_fails_fast(

@@ -98,6 +98,23 @@ def test_defaults_follow_the_warehouse_contract() -> None:
             "should match pattern",
         ),
         ({"policies": {"inconclusive": "promote"}}, "policies.inconclusive", "'rollback' or 'extend'"),
+        ({"guardrails": {"source": {"kind": "prometheus"}}}, "guardrails.source", "needs queries"),
+        (
+            {"guardrails": {"source": {"kind": "prometheus", "queries": {"requests": "sum(r)", "failures": "sum(f)"}}}},
+            "guardrails",
+            "source.queries.p99_latency_ms is needed for the p99_latency_ms limit",
+        ),
+        ({"guardrails": {"no_data_policy": "ignore"}}, "guardrails.no_data_policy", "'fail' or 'hold'"),
+        (
+            {"guardrails": {"baseline": {"error_rate_ratio_max": 0.5}}},
+            "guardrails.baseline.error_rate_ratio_max",
+            "greater than 1",
+        ),
+        (
+            {"guardrails": {"baseline": {"error_rate_ratio_max": None, "p99_latency_ratio_max": None}}},
+            "guardrails.baseline",
+            "all off",
+        ),
         ({"name": "Feed-Ranker"}, "name", "should match pattern"),
     ],
 )

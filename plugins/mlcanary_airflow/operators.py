@@ -34,6 +34,7 @@ class RolloutTaskMixin:
     """What every rollout task needs: its spec, the warehouse, the router and its rollout."""
 
     spec_data: dict[str, Any]
+    log: Any  # the operator's logger
 
     @cached_property
     def spec(self) -> RolloutSpec:
@@ -53,6 +54,15 @@ class RolloutTaskMixin:
         if found is None:
             raise AirflowSkipException("this run never started a rollout (see validate_and_lock)")
         return found
+
+    def roll_back_now(self, rollout: Rollout, reason: str) -> None:
+        """Canary to 0 % from the task that saw the breach, before it fails: no waiting for the
+        DAG's failure cascade to reach the ``rollback`` task. That task still runs (with retries)
+        and finds the split already in force; if this attempt fails, it does the work."""
+        try:
+            lifecycle.rollback(self.engine, self.router, self.spec, rollout, reason)
+        except Exception as exc:  # the rollback task retries; the original failure must still be raised
+            self.log.error("immediate rollback failed, the rollback task will retry it: %s", exc)
 
 
 class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
@@ -176,9 +186,11 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
                 decide("confirm", f"failing look {fails + 1} of {a.consecutive_fails}: {result.reason}")
                 look_again(fails=fails + 1)
             decide("rollback", f"analysis: {result.reason}")
+            self.roll_back_now(rollout, f"analysis: {result.reason}")
             raise AirflowFailException(f"analysis FAIL: {result.reason}")
         if result.verdict is Verdict.INVALID and p.invalid == "rollback":
             decide("rollback", f"analysis: comparison invalid: {result.reason}")
+            self.roll_back_now(rollout, f"analysis: comparison invalid: {result.reason}")
             raise AirflowFailException(f"analysis INVALID: {result.reason}")
         if self._extend(result, first_look):
             decide("extend", f"{result.verdict.value}, policy extend: looking again in {a.interval}: {result.reason}")

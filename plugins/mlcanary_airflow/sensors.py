@@ -17,8 +17,9 @@ from mlcanary_airflow.triggers import GuardrailTrigger
 class GuardrailSensor(RolloutTaskMixin, BaseOperator):
     """Wait in the triggerer while the stage bakes; fail the task at once on a breach.
 
-    A breach, a deadline without a full healthy bake (no data counts as not healthy), or a trigger
-    error raises ``AirflowFailException``: the task fails without retries and the DAG rolls back.
+    A breach, too long without data (policy ``fail``), failing metric sources, a deadline without a
+    full healthy bake, or a trigger error: the canary goes to 0 % at once, then the task raises
+    ``AirflowFailException`` (no retries) and the DAG's ``rollback`` task confirms the rollback.
     """
 
     ui_color = "#fef7e0"
@@ -69,4 +70,5 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
             verdict=None,
             reason=reason,
         )
+        self.roll_back_now(rollout, reason)
         raise AirflowFailException(reason)
