@@ -1,4 +1,4 @@
-"""Ratio statistics against independent oracles (statsmodels, raw-data numpy) and by simulation."""
+"""Ratio and count statistics against independent oracles (statsmodels, brute force) and by simulation."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from statsmodels.stats import rates as sm_rates
 from statsmodels.stats.proportion import confint_proportions_2indep
 
+from mlcanary.stats.counts import exceeds_rate_ratio, exceeds_share
 from mlcanary.stats.gate import weigh
 from mlcanary.stats.rates import LogRatio, mean_log_ratio, rate_log_ratio
 
@@ -94,3 +96,50 @@ def test_interval_coverage_by_simulation(kind: str) -> None:
     # binomial(2000, 0.05): mean 100, sd 9.7 -> allow 0.05 +- ~3.5 sd
     for misses in (misses_low, misses_high):
         assert 0.033 < misses / runs < 0.068, (kind, misses_low, misses_high)
+
+
+@pytest.mark.parametrize(("bad", "n", "share"), [(3, 100, 0.01), (0, 50, 0.02), (9, 300, 0.02), (900, 30_000, 0.02)])
+def test_error_budget_p_value_is_the_binomial_tail(bad: int, n: int, share: float) -> None:
+    """Brute force: P(X >= bad) summed term by term from the binomial pmf (in logs, for large n)."""
+
+    def log_pmf(k: int) -> float:
+        return (
+            math.lgamma(n + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(n - k + 1)
+            + k * math.log(share)
+            + (n - k) * math.log1p(-share)
+        )
+
+    tail = math.fsum(math.exp(log_pmf(k)) for k in range(bad, n + 1))
+    assert exceeds_share(bad, n, share) == pytest.approx(min(tail, 1.0), rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize(
+    ("bad_c", "n_c", "bad_b", "n_b", "ratio"),
+    [(12, 1000, 20, 10_000, 2.0), (3, 500, 10, 5000, 1.5), (40, 2000, 40, 2000, 1.0), (1, 200, 0, 2000, 2.0)],
+)
+def test_rate_ratio_test_matches_statsmodels_exact_conditional(
+    bad_c: int, n_c: int, bad_b: int, n_b: int, ratio: float
+) -> None:
+    want = sm_rates.test_poisson_2indep(
+        bad_c, n_c, bad_b, n_b, value=ratio, method="exact-cond", alternative="larger"
+    ).pvalue
+    assert exceeds_rate_ratio(bad_c, n_c, bad_b, n_b, ratio) == pytest.approx(want, rel=1e-9)
+
+
+def test_count_tests_hold_their_level_by_simulation() -> None:
+    """A canary exactly at its error budget, or exactly at the allowed ratio, fails a poll at most
+    alpha of the time (2,000 simulated polls each)."""
+    rng = np.random.default_rng(11)
+    alpha, n, budget = 0.01, 2000, 0.01
+    at_budget = np.mean([exceeds_share(int(x), n, budget) <= alpha for x in rng.binomial(n, budget, 2000)])
+    assert at_budget <= alpha
+    n_c, n_b, rate_b, ratio = 2000, 18_000, 0.005, 2.0
+    fails = [
+        exceeds_rate_ratio(int(c), n_c, int(b), n_b, ratio) <= alpha
+        for c, b in zip(rng.binomial(n_c, ratio * rate_b, 2000), rng.binomial(n_b, rate_b, 2000), strict=True)
+    ]
+    assert np.mean(fails) <= alpha
+    # and they have power: 3 % errors against a 1 % budget fail nearly every poll
+    assert np.mean([exceeds_share(int(x), n, budget) <= alpha for x in rng.binomial(n, 0.03, 500)]) > 0.99
