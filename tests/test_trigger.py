@@ -83,6 +83,16 @@ def test_healthy_after_a_full_bake(
     event = _first_event(_trigger(tmp_path, monkeypatch, bake=2, limit=20))
     assert event["status"] == "healthy"
     assert event["healthy_seconds"] >= 2 and event["polls"] >= 3
+    with engine.connect() as conn:  # every poll is audited with its values, sample sizes and limits
+        rows = conn.execute(sa.select(measurements)).all()
+    assert len(rows) == 4 * event["polls"]
+    for r in rows:
+        assert (r.tier, r.stage, r.rollout_id, r.verdict) == ("guardrail", 1, "r", "PASS")
+        assert r.canary_n > 0 and r.baseline_n > 0 and r.threshold is not None
+        if r.check_name in ("success_rate", "p99_latency_ms"):
+            assert r.baseline_n > r.canary_n  # requests: the baseline has 80 % of the traffic
+        assert r.canary_value is not None and r.baseline_value is not None
+        assert (r.window_end - r.window_start).total_seconds() == 4.0 and r.reason
 
 
 def test_no_data_fails_after_the_limit_under_policy_fail(
