@@ -244,7 +244,7 @@ def backend_url(backend: str, folder: Path) -> str:
     if backend == "sqlite":
         return f"sqlite:///{folder}/bench.db"
     if backend == "duckdb":  # DuckDB's buffer pool lives in the analysing process: cap it
-        return f"duckdb:///{folder}/bench.duckdb?memory_limit=256MB"
+        return f"duckdb:///{folder}/bench.duckdb?memory_limit=192MB"
     admin = sa.create_engine(PG)
     with admin.begin() as conn:
         conn.execute(sa.text("DROP SCHEMA IF EXISTS mlcanary_bench CASCADE"))

@@ -75,9 +75,13 @@ def test_failed_shift_raises_and_a_retry_lands(engine: sa.Engine, spec: RolloutS
     router = FlakyRouter(engine)
     r = lifecycle.begin_rollout(engine, router, spec, "r", "v2", "v1")
     router.failures = 1
-    with pytest.raises(ConnectionError):
+    with pytest.raises(TrafficShiftError, match="serving platform unavailable"):
         lifecycle.shift_to_stage(engine, router, spec, r, 1)
     assert router.get_split(spec.model) == Split(spec.model, "v1", None, 0.0)  # known, unchanged
+    failed = _history(engine)[-1]  # the failure is recorded with the split the platform reports after it
+    assert not failed.applied and failed.to_percent == 0.0
+    assert failed.note.startswith("FAILED stage 1: canary to 10 %: ConnectionError: serving platform unavailable")
+    assert failed.note.endswith("the platform reports v1 100 %")
     lifecycle.shift_to_stage(engine, router, spec, r, 1)
     assert router.get_split(spec.model).share("v2") == 10.0
 

@@ -79,7 +79,7 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     lines += [
         f"  {t['applied_at']}  {'?' if t['from_percent'] is None else format(t['from_percent'], 'g')} → "
-        f"{t['to_percent']:g} %  {t['note']}"
+        f"{'?' if t['to_percent'] is None else format(t['to_percent'], 'g')} %  {t['note']}"
         for t in report["traffic"]
     ]
     lines += ["", "Decisions:"]

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from mlcanary import registry
 from mlcanary.audit import record_decision
 from mlcanary.routers.base import Router, Split, TrafficShiftError
 from mlcanary.spec import RolloutSpec
@@ -101,6 +102,8 @@ def begin_rollout(
                     active_model=spec.model,
                 )
             )
+            if not dry_run:
+                registry.mark(conn, spec.model, canary_version, "rolling_out", rollout_id, "rollout started")
     except IntegrityError:
         with engine.connect() as conn:
             holder = conn.execute(
@@ -127,7 +130,10 @@ def begin_rollout(
 def apply_split(engine: Engine, router: Router, rollout: Rollout, target: Split, note: str) -> Split:
     """Apply ``target`` unless it is already in force, read it back, and record the step.
 
-    Raises :class:`TrafficShiftError` when the read-back differs: the caller retries.
+    A retry of the same step finds the split in force and changes nothing. The read-back must send
+    the same traffic to each version (a platform may not know which one is the baseline). A failure (the router
+    gave up, or the read-back differs) is recorded with the split the platform reports afterwards,
+    so the split is never unknown, then raised as :class:`TrafficShiftError`: the task retries.
     """
     before = router.get_split(target.model)
     from_pct = None if before is None else before.share(rollout.canary_version)
@@ -136,11 +142,49 @@ def apply_split(engine: Engine, router: Router, rollout: Rollout, target: Split,
     elif before == target:
         applied, note = False, f"{note} (already in force)"
     else:
-        router.set_split(target, rollout.rollout_id)
-        after = router.get_split(target.model)
-        if after != target:
-            raise TrafficShiftError(f"router reads back {after} after setting {target}")
+        try:
+            router.set_split(target, rollout.rollout_id)
+            after = router.get_split(target.model)
+            if not target.same_traffic(after):
+                raise TrafficShiftError(f"the router reads back {_describe(after)} after setting {_describe(target)}")
+        except Exception as exc:
+            _record_failure(engine, router, rollout, target, note, from_pct, exc)
+            raise TrafficShiftError(f"{note}: {exc}") from exc
         applied = True
+    _history(engine, rollout, target, from_pct, target.share(rollout.canary_version), applied, note)
+    return target
+
+
+def _describe(split: Split | None) -> str:
+    if split is None:
+        return "no split"
+    canary = f", {split.canary_version} {split.canary_percent:g} %" if split.canary_version else ""
+    return f"{split.baseline_version} {split.share(split.baseline_version):g} %{canary}"
+
+
+def _record_failure(
+    engine: Engine, router: Router, rollout: Rollout, target: Split, note: str, from_pct: float | None, exc: Exception
+) -> None:
+    """Record a failed step with the split the platform reports now (or that it cannot be read)."""
+    try:
+        now = router.get_split(target.model)
+        state = f"the platform reports {_describe(now)}"
+        to_pct = from_pct if now is None else now.share(rollout.canary_version)
+    except Exception as read_error:  # the platform is down: say so, the retry will find out
+        state, to_pct = f"the split could not be read back ({type(read_error).__name__}: {read_error})", from_pct
+    message = f"FAILED {note}: {type(exc).__name__}: {exc}; {state}"
+    _history(engine, rollout, target, from_pct, to_pct, False, message)
+
+
+def _history(
+    engine: Engine,
+    rollout: Rollout,
+    target: Split,
+    from_pct: float | None,
+    to_pct: float | None,
+    applied: bool,
+    note: str,
+) -> None:
     with engine.begin() as conn:
         conn.execute(
             sa.insert(traffic_history).values(
@@ -149,13 +193,12 @@ def apply_split(engine: Engine, router: Router, rollout: Rollout, target: Split,
                 baseline_version=target.baseline_version,
                 canary_version=target.canary_version,
                 from_percent=from_pct,
-                to_percent=target.share(rollout.canary_version),
+                to_percent=to_pct,
                 applied=applied,
                 note=note,
                 applied_at=utcnow(),
             )
         )
-    return target
 
 
 def shift_to_stage(engine: Engine, router: Router, spec: RolloutSpec, rollout: Rollout, stage: int) -> Split:
@@ -224,21 +267,31 @@ def rollback(engine: Engine, router: Router, spec: RolloutSpec, rollout: Rollout
 
 
 def _end(engine: Engine, rollout: Rollout, status: str, percent: float, reason: str) -> None:
+    """Record the outcome, on the rollout and (unless a dry run) in the registry, in one transaction."""
     with engine.begin() as conn:
         conn.execute(
             sa.update(rollouts)
             .where(rollouts.c.rollout_id == rollout.rollout_id)
             .values(status=status, canary_percent=percent, reason=reason, ended_at=utcnow())
         )
+        if rollout.dry_run:
+            return
+        if status == "promoted":
+            registry.promote(conn, rollout.model, rollout.canary_version, rollout.rollout_id)
+        else:
+            registry.mark(conn, rollout.model, rollout.canary_version, "rejected", rollout.rollout_id, reason[:500])
 
 
 def release(engine: Engine, rollout_id: str, reason_if_unfinished: str) -> Rollout | None:
     """Free the model's lock. A rollout still 'running' here ended without a decision: 'failed'."""
     with engine.begin() as conn:
-        conn.execute(
+        unfinished = conn.execute(
             sa.update(rollouts)
             .where(rollouts.c.rollout_id == rollout_id, rollouts.c.status == "running")
             .values(status="failed", reason=reason_if_unfinished, ended_at=utcnow())
-        )
+        ).rowcount
         conn.execute(sa.update(rollouts).where(rollouts.c.rollout_id == rollout_id).values(active_model=None))
-        return get_rollout(conn, rollout_id)
+        ended = get_rollout(conn, rollout_id)
+        if unfinished and ended is not None and not ended.dry_run:
+            registry.mark(conn, ended.model, ended.canary_version, "failed", rollout_id, reason_if_unfinished)
+        return ended

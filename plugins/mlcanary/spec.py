@@ -88,9 +88,48 @@ class WarehouseSpec(_Model):
     resource_metrics: ResourceTable = ResourceTable()
 
 
-class RouterSpec(_Model):
-    kind: Literal["warehouse"] = "warehouse"
-    conn_id: str | None = None  # defaults to the warehouse connection
+class _RouterBase(_Model):
+    conn_id: str | None = None  # the Airflow connection with the platform's address and credentials
+    timeout: Duration = timedelta(seconds=10)  # per request to the platform
+    retries: Annotated[int, Field(ge=0, le=10)] = 3  # per request, with exponential backoff
+    settle: Duration = timedelta(minutes=5)  # how long a platform may take to show the new split
+
+
+class WarehouseRouterSpec(_RouterBase):
+    """The routing table ``mlcanary_traffic_split`` in the warehouse (the simulator follows it)."""
+
+    kind: Literal["warehouse"] = "warehouse"  # conn_id defaults to the warehouse connection
+
+
+class WebhookRouterSpec(_RouterBase):
+    """Your own traffic service: ``POST`` the split as JSON, ``GET`` it back (see the README).
+
+    The connection holds the URL (host, or the extra ``url``) and the HMAC-SHA256 secret (password).
+    """
+
+    kind: Literal["webhook"]
+
+
+class SageMakerRouterSpec(_RouterBase):
+    """Production-variant weights of one SageMaker endpoint; each model version is a variant."""
+
+    kind: Literal["sagemaker"]
+    endpoint_name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")]
+    variant_name: str = "{version}"  # the variant of a version; {version} is replaced
+
+
+class KServeRouterSpec(_RouterBase):
+    """``canaryTrafficPercent`` of a KServe InferenceService: the latest revision is the canary."""
+
+    kind: Literal["kserve"]
+    namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] = "default"
+    inference_service: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+    storage_uri: str | None = None  # e.g. s3://models/ranker/{version}: the canary's model is deployed too
+
+
+RouterSpec = Annotated[
+    WarehouseRouterSpec | WebhookRouterSpec | SageMakerRouterSpec | KServeRouterSpec, Field(discriminator="kind")
+]
 
 
 class Stage(_Model):
@@ -295,7 +334,7 @@ class RolloutSpec(_Model):
     schedule: str | None = None
     tags: list[str] = []
     warehouse: WarehouseSpec = WarehouseSpec()
-    router: RouterSpec = RouterSpec()
+    router: RouterSpec = WarehouseRouterSpec()
     stages: Annotated[list[Stage], Field(min_length=1)]
     guardrails: GuardrailSpec = GuardrailSpec()
     analysis: AnalysisSpec
@@ -318,7 +357,9 @@ class RolloutSpec(_Model):
 
     @property
     def router_conn_id(self) -> str:
-        return self.router.conn_id or self.warehouse.conn_id
+        """The router's connection: its own, else the usual one of its kind (the warehouse's for the table)."""
+        defaults = {"webhook": "mlcanary_router", "sagemaker": "aws_default", "kserve": "kubernetes_default"}
+        return self.router.conn_id or defaults.get(self.router.kind, self.warehouse.conn_id)
 
 
 class SpecError(ValueError):

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 from sqlalchemy.engine import Engine
 
+from mlcanary.routers.base import Router
+from mlcanary.routers.warehouse import WarehouseRouter
+from mlcanary.routers.webhook import WebhookRouter
 from mlcanary.sources import MetricSource, source_for
 from mlcanary.spec import RolloutSpec
 from mlcanary.warehouse.engine import make_engine
+
+log = logging.getLogger(__name__)
 
 
 class WarehouseHook(BaseHook):
@@ -59,15 +66,8 @@ class PrometheusHook(BaseHook):
 
     def client_args(self) -> dict[str, Any]:
         conn = self.get_connection(self.conn_id)
-        extra = conn.extra_dejson
-        url = extra.get("url")
-        if not url:
-            if not conn.host:
-                raise ValueError(f"connection {self.conn_id!r} has no host and no extra 'url'")
-            host = conn.host if "://" in conn.host else f"{conn.schema or 'http'}://{conn.host}"
-            url = f"{host}:{conn.port}" if conn.port else host
         auth = (conn.login, conn.password or "") if conn.login else None
-        return {"prometheus_url": str(url), "auth": auth, "headers": dict(extra.get("headers") or {})}
+        return {"prometheus_url": _url(conn), "auth": auth, "headers": dict(conn.extra_dejson.get("headers") or {})}
 
 
 def metric_source(spec: RolloutSpec) -> MetricSource:
@@ -76,3 +76,94 @@ def metric_source(spec: RolloutSpec) -> MetricSource:
     if spec.guardrails.source.kind == "prometheus":
         return source_for(spec, engine, **PrometheusHook(spec.guardrails.source.prometheus_conn_id).client_args())
     return source_for(spec, engine)
+
+
+def router_for(spec: RolloutSpec) -> Router:
+    """The spec's traffic router, with its platform's client built from the router's connection.
+
+    - ``warehouse``: the routing table, through the warehouse connection (or ``router.conn_id``);
+    - ``webhook``: URL from the connection's extra ``url`` or host/port/schema, HMAC secret = password;
+    - ``sagemaker``: a boto3 client from an ``aws`` connection (login/password = access key, extra
+      ``region_name``, ``endpoint_url``, ``aws_session_token``), or boto3's own credential chain
+      when the connection does not exist;
+    - ``kserve``: a Kubernetes client from the connection: extra ``kube_config_path`` (and
+      ``context``), or ``in_cluster: true``, or the API server's URL as host with a bearer token as
+      password (extra ``verify_ssl``, ``ssl_ca_cert``).
+
+    The platform clients are imported here, at run time: parsing a DAG imports none of them.
+    """
+    r = spec.router
+    conn_id = spec.router_conn_id
+    if r.kind == "warehouse":
+        return WarehouseRouter(WarehouseHook(conn_id).get_engine())
+    if r.kind == "webhook":
+        conn = BaseHook.get_connection(conn_id)
+        return WebhookRouter(_url(conn), conn.password or None, r.timeout.total_seconds(), r.retries)
+    if r.kind == "sagemaker":
+        from mlcanary.routers.sagemaker import SageMakerRouter
+
+        return SageMakerRouter(
+            _aws_client(conn_id, "sagemaker", r.timeout.total_seconds()),
+            r.endpoint_name,
+            r.variant_name,
+            r.retries,
+            r.settle.total_seconds(),
+        )
+    from mlcanary.routers.kserve import KServeRouter
+
+    return KServeRouter(
+        _kubernetes_api(conn_id, r.timeout.total_seconds()), r.namespace, r.inference_service, r.storage_uri, r.retries
+    )
+
+
+def _url(conn: Any) -> str:
+    url = conn.extra_dejson.get("url")
+    if url:
+        return str(url)
+    if not conn.host:
+        raise ValueError(f"connection {conn.conn_id!r} has no host and no extra 'url'")
+    host = conn.host if "://" in conn.host else f"{conn.schema or 'http'}://{conn.host}"
+    return f"{host}:{conn.port}" if conn.port else host
+
+
+def _aws_client(conn_id: str, service: str, timeout: float) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        log.info("no connection %r: boto3's own credential chain is used", conn_id)
+        session, extra = boto3.session.Session(), {}
+    else:
+        extra = conn.extra_dejson
+        session = boto3.session.Session(
+            aws_access_key_id=conn.login or None,
+            aws_secret_access_key=conn.password or None,
+            aws_session_token=extra.get("aws_session_token"),
+            region_name=extra.get("region_name"),
+        )
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
+    return session.client(service, endpoint_url=extra.get("endpoint_url"), config=config)
+
+
+def _kubernetes_api(conn_id: str, timeout: float) -> Any:
+    from kubernetes import client, config
+
+    conn = BaseHook.get_connection(conn_id)
+    extra = conn.extra_dejson
+    if extra.get("in_cluster"):
+        config.load_incluster_config()
+        api_client = client.ApiClient()
+    elif extra.get("kube_config_path"):
+        api_client = config.new_client_from_config(config_file=extra["kube_config_path"], context=extra.get("context"))
+    else:
+        configuration = client.Configuration()
+        configuration.host = _url(conn)
+        if conn.password:
+            configuration.api_key = {"authorization": f"Bearer {conn.password}"}
+        configuration.verify_ssl = bool(extra.get("verify_ssl", True))
+        configuration.ssl_ca_cert = extra.get("ssl_ca_cert")
+        api_client = client.ApiClient(configuration)
+    api_client.rest_client.pool_manager.connection_pool_kw["timeout"] = timeout
+    return client.CustomObjectsApi(api_client)

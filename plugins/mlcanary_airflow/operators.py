@@ -17,12 +17,11 @@ from mlcanary.audit import last_decision, record_checks, record_decision
 from mlcanary.report import format_report, rollout_report
 from mlcanary.rollout import Rollout, RolloutError
 from mlcanary.routers.base import Router
-from mlcanary.routers.warehouse import WarehouseRouter
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import Verdict
 from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import create_schema
-from mlcanary_airflow.hooks import WarehouseHook
+from mlcanary_airflow.hooks import WarehouseHook, router_for
 from mlcanary_airflow.triggers import LookAgainTrigger
 
 
@@ -46,7 +45,7 @@ class RolloutTaskMixin:
 
     @cached_property
     def router(self) -> Router:
-        return WarehouseRouter(WarehouseHook(self.spec.router_conn_id).get_engine())
+        return router_for(self.spec)
 
     def rollout(self, context: Context) -> Rollout:
         with self.engine.connect() as conn:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 
 class TrafficShiftError(RuntimeError):
@@ -24,6 +28,19 @@ class Split:
             return canary
         return 100.0 - canary if version == self.baseline_version else 0.0
 
+    def same_traffic(self, other: Split | None, tolerance: float = 0.01) -> bool:
+        """Whether ``other`` sends the same share to each of this split's versions.
+
+        Platforms that do not know which version is the baseline (SageMaker weights, say) read a
+        finished promotion back as "the candidate alone": the traffic is the same, so this is equal.
+        """
+        if other is None or other.model != self.model:
+            return False
+        versions = {self.baseline_version, other.baseline_version} | {
+            v for v in (self.canary_version, other.canary_version) if v
+        }
+        return all(abs(self.share(v) - other.share(v)) <= tolerance for v in versions)
+
 
 class Router(Protocol):
     """Applies traffic splits on a serving platform. Implementations must be idempotent."""
@@ -33,3 +50,40 @@ class Router(Protocol):
 
     def set_split(self, split: Split, rollout_id: str | None) -> None:
         """Apply ``split``. Applying the split already in force changes nothing."""
+
+
+T = TypeVar("T")
+
+
+def with_retries(call: Callable[[], T], retries: int, transient: Callable[[BaseException], bool], what: str) -> T:
+    """``call``, retried ``retries`` times after transient errors, waiting 0.5, 1, 2 ... s (at most 10 s)."""
+    retrying = Retrying(
+        stop=stop_after_attempt(retries + 1),
+        wait=wait_exponential(multiplier=0.5, max=10),
+        retry=retry_if_exception(transient),
+        reraise=True,
+    )
+    try:
+        return retrying(call)
+    except TrafficShiftError:
+        raise
+    except Exception as exc:
+        raise TrafficShiftError(f"{what} failed after {retries + 1} attempts: {type(exc).__name__}: {exc}") from exc
+
+
+class VersionNames:
+    """A name template such as ``ranker-{version}``, and its inverse."""
+
+    def __init__(self, template: str) -> None:
+        if template.count("{version}") != 1:
+            raise ValueError(f"the template {template!r} must contain {{version}} once")
+        self.template = template
+        head, tail = template.split("{version}")
+        self._pattern = re.compile(f"^{re.escape(head)}(?P<version>.+){re.escape(tail)}$")
+
+    def name(self, version: str) -> str:
+        return self.template.replace("{version}", version)
+
+    def version(self, name: str) -> str | None:
+        found = self._pattern.match(name)
+        return found.group("version") if found else None

@@ -88,7 +88,7 @@ traffic_history = sa.Table(
     sa.Column("baseline_version", _VERSION, nullable=False),
     sa.Column("canary_version", _VERSION),
     sa.Column("from_percent", sa.Double),
-    sa.Column("to_percent", sa.Double, nullable=False),
+    sa.Column("to_percent", sa.Double),  # NULL: the platform could not be read after a failed step
     sa.Column("applied", sa.Boolean, nullable=False),  # False: dry run or no change needed
     sa.Column("note", sa.Text),
     sa.Column("applied_at", sa.DateTime, nullable=False),
@@ -134,11 +134,25 @@ decisions = sa.Table(
 )
 
 
+registry = sa.Table(
+    "mlcanary_registry",
+    metadata,
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("version", _VERSION, primary_key=True),
+    # candidate -> rolling_out -> baseline (promoted) | rejected (rolled back) | failed; baseline -> retired
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("registered_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.Column("rollout_id", sa.String(250)),
+    sa.Column("note", sa.Text),
+)
+
+
 def create_schema(engine: Engine, *, contract: bool = True) -> None:
     """Create the state and audit tables, and (``contract=True``) the default contract tables.
 
     Idempotent: existing tables are left as they are.
     """
-    own = [rollouts, traffic_split, traffic_history, measurements, decisions]
+    own = [rollouts, traffic_split, traffic_history, measurements, decisions, registry]
     tables = own + ([predictions, resource_metrics] if contract else [])
     metadata.create_all(engine, tables=tables, checkfirst=True)
