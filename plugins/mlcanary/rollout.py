@@ -135,7 +135,11 @@ def apply_split(engine: Engine, router: Router, rollout: Rollout, target: Split,
     gave up, or the read-back differs) is recorded with the split the platform reports afterwards,
     so the split is never unknown, then raised as :class:`TrafficShiftError`: the task retries.
     """
-    before = router.get_split(target.model)
+    try:
+        before = router.get_split(target.model)
+    except Exception as exc:  # the platform cannot even be read: record that, the task retries
+        _history(engine, rollout, target, None, None, False, f"FAILED {note}: the split could not be read: {exc}")
+        raise TrafficShiftError(f"{note}: {exc}") from exc
     from_pct = None if before is None else before.share(rollout.canary_version)
     if rollout.dry_run:
         applied, note = False, f"{note} (dry run: not applied)"

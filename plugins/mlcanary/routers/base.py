@@ -68,7 +68,9 @@ def with_retries(call: Callable[[], T], retries: int, transient: Callable[[BaseE
     except TrafficShiftError:
         raise
     except Exception as exc:
-        raise TrafficShiftError(f"{what} failed after {retries + 1} attempts: {type(exc).__name__}: {exc}") from exc
+        attempts = retrying.statistics.get("attempt_number", 1)
+        tried = f"after {attempts} attempts" if attempts > 1 else "(not retried: not a transient error)"
+        raise TrafficShiftError(f"{what} failed {tried}: {type(exc).__name__}: {exc}") from exc
 
 
 class VersionNames:

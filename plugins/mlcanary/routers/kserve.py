@@ -78,7 +78,7 @@ class KServeRouter:
             },
             "spec": {"predictor": predictor},
         }
-        with_retries(
+        with_retries(  # the client sends custom-object patches as application/merge-patch+json
             lambda: self.api.patch_namespaced_custom_object(
                 GROUP,
                 API_VERSION,
@@ -86,7 +86,6 @@ class KServeRouter:
                 PLURAL,
                 self.name,
                 patch,
-                _content_type="application/merge-patch+json",
             ),
             self.retries,
             _transient,

@@ -64,7 +64,8 @@ class SageMakerRouter:
         weights: dict[str, float] = {}
         for variant in self._settled().get("ProductionVariants", []):
             version = self.names.version(variant["VariantName"])
-            weight = float(variant.get("CurrentWeight", variant.get("DesiredWeight", 0.0)))
+            current = variant.get("CurrentWeight")
+            weight = float(variant.get("DesiredWeight") or 0.0) if current is None else float(current)
             if version is not None and weight > 0:
                 weights[version] = weight
         total = sum(weights.values())

@@ -1,0 +1,134 @@
+"""Local stand-ins of the services routers and notifiers talk to, on free loopback ports.
+
+Each records what it received, so a test asserts on the requests a real service would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: Message  # case-insensitive, as HTTP headers are
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Service:
+    """What a stand-in knows: its received requests, and answers to fail with first (e.g. 503s)."""
+
+    url: str = ""
+    requests: list[Request] = field(default_factory=list)
+    fail_next: list[int] = field(default_factory=list)  # status codes to answer the next requests with
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def serve(handle: Any) -> Iterator[Service]:
+    """Serve ``handle(service, request) -> (status, body dict | None)`` until the block ends."""
+    service = Service()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            request = Request(self.command, self.path, self.headers, self.rfile.read(length))
+            service.requests.append(request)
+            if service.fail_next:
+                status, body = service.fail_next.pop(0), {"error": "injected failure"}
+            else:
+                status, body = handle(service, request)
+            payload = b"" if body is None else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_PATCH = do_PUT = _any
+
+        def log_message(self, *args: Any) -> None:  # keep the test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    service.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield service
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def traffic_service(secret: str) -> Any:
+    """The webhook protocol of :mod:`mlcanary.routers.webhook`, as a traffic service would implement it:
+    signatures checked, splits stored per model, a repeated Idempotency-Key applied once."""
+
+    def handle(service: Service, request: Request) -> tuple[int, dict | None]:
+        timestamp = request.headers.get("X-Mlcanary-Timestamp", "")
+        expected = (
+            "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + request.body, hashlib.sha256).hexdigest()
+        )
+        if not hmac.compare_digest(request.headers.get("X-Mlcanary-Signature", ""), expected):
+            return 401, {"error": "bad signature"}
+        splits: dict[str, dict] = service.state.setdefault("splits", {})
+        if request.method == "GET":
+            model = parse_qs(urlparse(request.path).query)["model"][0]
+            return (200, splits[model]) if model in splits else (404, {"error": "unknown model"})
+        seen: set[str] = service.state.setdefault("keys", set())
+        key = request.headers["Idempotency-Key"]
+        if key not in seen:
+            seen.add(key)
+            body = request.json()
+            splits[body["model"]] = body
+            service.state["applied"] = service.state.get("applied", 0) + 1
+        return 200, {"ok": True}
+
+    return handle
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: what the Kubernetes API server does with application/merge-patch+json."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def kube_api(objects: dict[str, dict], token: str) -> Any:
+    """GET and PATCH of custom objects by path, as the API server answers them (no controller runs)."""
+
+    def handle(service: Service, request: Request) -> tuple[int, dict | None]:
+        if request.headers.get("Authorization") != f"Bearer {token}":
+            return 401, {"kind": "Status", "message": "Unauthorized", "code": 401}
+        path = urlparse(request.path).path
+        if path not in objects:
+            return 404, {"kind": "Status", "message": f"{path} not found", "code": 404}
+        if request.method == "PATCH":
+            if request.headers.get("Content-Type") != "application/merge-patch+json":
+                return 415, {"kind": "Status", "message": "unsupported patch type", "code": 415}
+            objects[path] = merge_patch(objects[path], request.json())
+        return 200, objects[path]
+
+    return handle
