@@ -13,7 +13,7 @@ from airflow.sdk import TriggerRule
 from airflow.sdk.definitions.param import ParamsDict
 
 from conftest import ROOT, base_spec
-from mlcanary.spec import load_spec
+from mlcanary.spec import load_spec, parse_spec
 from mlcanary_airflow.dag_factory import SpecWarning, build_dag, build_dags
 from mlcanary_airflow.sensors import GuardrailSensor
 
@@ -81,15 +81,41 @@ def test_dag_shape_and_rollback_wiring() -> None:
     for n in (1, 2, 3):
         assert {f"stage_{n}.shift_traffic", f"stage_{n}.guardrails", f"stage_{n}.analysis"} <= ids
     assert dag.task_dict["stage_1.analysis"].downstream_task_ids == {"stage_2.shift_traffic", "rollback"}
-    assert dag.task_dict["decide"].downstream_task_ids == {"promote", "rollback"}
+    assert dag.task_dict["decide"].downstream_task_ids == {"promote"}  # a branch: it may skip its children
     rollback = dag.task_dict["rollback"]
     assert rollback.trigger_rule == TriggerRule.ALL_DONE
-    # Every stage task and the decision lead straight to the rollback.
+    # Every stage task and the promotion lead straight to the rollback; the branching decision does
+    # not (skipping it would leave nothing to roll back with), the rollback waits for it through promote.
     stage_tasks = {t for t in ids if t.startswith("stage_")}
-    assert stage_tasks | {"decide", "validate_and_lock"} <= rollback.upstream_task_ids
+    assert rollback.upstream_task_ids == stage_tasks | {"validate_and_lock", "promote"}
     report = dag.task_dict["report"]
-    assert report.upstream_task_ids == {"promote", "rollback"} and not report.downstream_task_ids
+    assert report.upstream_task_ids == {"rollback"} and not report.downstream_task_ids
     assert report.trigger_rule == TriggerRule.ALL_DONE
+    assert not {"approve_final_stage", "extend"} & ids  # not asked for by this spec
+
+
+def test_approval_and_ask_add_their_tasks() -> None:
+    data = base_spec(
+        policies={"inconclusive": "ask", "ask_timeout": "10m"},
+        approval={"before_final_stage": True, "timeout": "30m", "assignees": ["alice"]},
+        notifications={"slack": {"conn_id": "slack_rollouts"}},
+    )
+    dag = build_dag(parse_spec(data))
+    approve = dag.task_dict["approve_final_stage"]
+    assert approve.upstream_task_ids == {"stage_2.analysis"}
+    assert approve.downstream_task_ids == {"stage_3.shift_traffic"}
+    assert approve.defaults == ["Reject"] and approve.response_timeout.total_seconds() == 1800
+    assert approve.assigned_users == [{"id": "alice", "name": "alice"}] and len(approve.notifiers) == 1
+    decide = dag.task_dict["decide"]
+    assert decide.options == ["Promote", "Extend", "Roll back"] and decide.defaults == ["Roll back"]
+    assert decide.downstream_task_ids == {"promote", "extend"}
+    assert dag.task_dict["extend"].downstream_task_ids == {"promote_after_extension", "rollback"}
+    assert "approve_final_stage" not in dag.task_dict["rollback"].upstream_task_ids
+    assert dag.task_dict["rollback"].on_failure_callback  # a failed rollback is announced
+
+
+def test_guardrails_never_soft_fail() -> None:
+    dag = build_dag(load_spec(ROOT / "include/rollouts/feed_ranker.yaml"))
     guards = [t for t in dag.tasks if isinstance(t, GuardrailSensor)]
     assert len(guards) == 3
     assert all(not getattr(g, "soft_fail", False) for g in guards)

@@ -97,7 +97,7 @@ def test_defaults_follow_the_warehouse_contract() -> None:
             "analysis.segments.0",
             "should match pattern",
         ),
-        ({"policies": {"inconclusive": "promote"}}, "policies.inconclusive", "'rollback' or 'extend'"),
+        ({"policies": {"inconclusive": "promote"}}, "policies.inconclusive", "'rollback', 'extend' or 'ask'"),
         ({"guardrails": {"source": {"kind": "prometheus"}}}, "guardrails.source", "needs queries"),
         (
             {"guardrails": {"source": {"kind": "prometheus", "queries": {"requests": "sum(r)", "failures": "sum(f)"}}}},

@@ -320,10 +320,78 @@ class AnalysisSpec(_Model):
         return self
 
 
+Policy = Literal["rollback", "extend", "ask"]
+
+
 class Policies(_Model):
-    inconclusive: Literal["rollback", "extend"] = "rollback"
-    invalid: Literal["rollback", "extend"] = "rollback"
+    """What an INCONCLUSIVE or INVALID final analysis leads to.
+
+    ``extend``: look again every analysis interval, up to ``max_extension``, then roll back unless it
+    passed. ``ask``: a person chooses Promote, Extend (as ``extend``, then decided automatically) or
+    Roll back in Airflow's Required Actions; no answer within ``ask_timeout`` rolls back.
+    """
+
+    inconclusive: Policy = "rollback"
+    invalid: Policy = "rollback"
     max_extension: Duration = timedelta(minutes=30)
+    ask_timeout: Duration = timedelta(hours=1)
+
+    @property
+    def asks(self) -> bool:
+        return "ask" in (self.inconclusive, self.invalid)
+
+
+class ApprovalSpec(_Model):
+    """A person approves the last traffic step (Airflow's Approve / Reject); no answer in time rejects."""
+
+    before_final_stage: bool = False
+    timeout: Duration = timedelta(hours=1)
+    assignees: list[Annotated[str, Field(min_length=1)]] = []  # Airflow user ids who may answer (and ask decisions)
+
+
+NotifyEvent = Literal["rollback", "promote", "approval"]
+
+
+class SlackNotification(_Model):
+    conn_id: str = "slack_default"  # an incoming-webhook connection: the webhook URL (or its token) is the password
+
+
+class EmailNotification(_Model):
+    conn_id: str = "smtp_default"
+    to: Annotated[list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")]], Field(min_length=1)]
+    from_email: str | None = None
+
+
+class NotificationsSpec(_Model):
+    """Messages on a rollback (or a failed one), a promotion, and when a person must decide."""
+
+    slack: SlackNotification | None = None
+    email: EmailNotification | None = None
+    events: list[NotifyEvent] = ["rollback", "promote", "approval"]
+
+    @property
+    def channels(self) -> bool:
+        return self.slack is not None or self.email is not None
+
+
+class MlflowSpec(_Model):
+    """On promotion, point an MLflow registered model's alias at the promoted version."""
+
+    conn_id: str = "mlflow_default"  # tracking URI: the extra tracking_uri, or host (+ login/password)
+    registered_model: Annotated[str, Field(min_length=1)]
+    alias: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,255}$")] = "champion"
+    version: str = "{version}"  # the MLflow version number inside a rollout version, e.g. v{version}
+
+    @field_validator("version")
+    @classmethod
+    def _one_placeholder(cls, value: str) -> str:
+        if value.count("{version}") != 1:
+            raise ValueError("must contain {version} once")
+        return value
+
+
+class RegistrySpec(_Model):
+    mlflow: MlflowSpec | None = None
 
 
 class RolloutSpec(_Model):
@@ -339,6 +407,9 @@ class RolloutSpec(_Model):
     guardrails: GuardrailSpec = GuardrailSpec()
     analysis: AnalysisSpec
     policies: Policies = Policies()
+    approval: ApprovalSpec = ApprovalSpec()
+    notifications: NotificationsSpec = NotificationsSpec()
+    registry: RegistrySpec = RegistrySpec()
 
     @field_validator("stages")
     @classmethod

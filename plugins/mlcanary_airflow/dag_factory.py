@@ -2,10 +2,10 @@
 
 ::
 
-    validate_and_lock ─► stage_1 [shift_traffic ─► guardrails ─► analysis] ─► stage_2 … ─► decide
-    decide ─► promote ──┐                (final analysis PASS)
-    decide ─► rollback ─┴─► report       (otherwise, per the spec's policy)
-    any failure in a stage ─► rollback
+    validate_and_lock ─► stage_1 [shift_traffic ─► guardrails ─► analysis] ─► … ─► [approve_final_stage]
+        ─► stage_N ─► decide ─► promote                       (final analysis PASS, or a person chose it)
+                            └─► extend ─► promote_after_extension   (policy ask: a person chose Extend)
+    rollback (ALL_DONE, after everything): canary to 0 % unless promoted ─► report
     report: releases the lock; the run succeeds only if the candidate was promoted
 
 Building a DAG reads nothing but the spec: no database, no network, no Airflow Variables.
@@ -17,14 +17,17 @@ import logging
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from airflow.sdk import DAG, Param, TaskGroup, TriggerRule, get_parsing_context
 
 from mlcanary.spec import VERSION_PATTERN, RolloutSpec, SpecError, load_specs
+from mlcanary_airflow.hitl import ApproveFinalStageOperator, DecideOperator
+from mlcanary_airflow.notifiers import RolloutNotifier
 from mlcanary_airflow.operators import (
     AnalysisOperator,
     BeginRolloutOperator,
-    DecideOperator,
+    ExtendOperator,
     PromoteOperator,
     ReportOperator,
     RollbackOperator,
@@ -87,12 +90,22 @@ def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
         tags=["mlcanary", spec.model, *spec.tags],
         default_args={"owner": spec.owner},
     ) as dag:
+
+        def notify(event: str) -> list[RolloutNotifier]:
+            return [RolloutNotifier(spec=data, event=event)] if spec.notifications.channels else []
+
         begin = BeginRolloutOperator(task_id="validate_and_lock", spec=data)
-        previous = begin
+        previous: Any = begin
         stage_tasks = []
         final_analysis = None
         for number in range(1, len(spec.stages) + 1):
             last = number == len(spec.stages)
+            if last and spec.approval.before_final_stage:
+                approve = ApproveFinalStageOperator(
+                    task_id="approve_final_stage", spec=data, notifiers=notify("approval")
+                )
+                previous >> approve
+                previous = approve
             with TaskGroup(
                 group_id=f"stage_{number}", tooltip=f"{spec.stages[number - 1].percent:g} % canary"
             ) as group:
@@ -105,13 +118,35 @@ def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
             stage_tasks += [shift, guard, analysis]
             final_analysis = analysis
         assert final_analysis is not None
-        decide = DecideOperator(task_id="decide", spec=data, final_analysis_task_id=final_analysis.task_id)
-        promote = PromoteOperator(task_id="promote", spec=data)
-        rollback = RollbackOperator(task_id="rollback", spec=data, trigger_rule=TriggerRule.ALL_DONE)
+        promoted = {"on_success_callback": notify("promote"), "on_failure_callback": notify("promote_failed")}
+        promote = PromoteOperator(task_id="promote", spec=data, **promoted)
+        ends = [promote]
+        extend_id = None
+        if spec.policies.asks:  # a person may choose Extend: look again, then decide automatically
+            extend = ExtendOperator(task_id="extend", spec=data, promote_task_id="promote_after_extension")
+            promote_after = PromoteOperator(task_id="promote_after_extension", spec=data, **promoted)
+            extend >> promote_after
+            ends += [extend, promote_after]
+            extend_id = extend.task_id
+        decide = DecideOperator(
+            task_id="decide",
+            spec=data,
+            final_analysis_task_id=final_analysis.task_id,
+            extend_task_id=extend_id,
+            notifiers=notify("approval"),
+        )
+        previous >> decide >> [t for t in ends if t.task_id in ("promote", extend_id)]
+        rollback = RollbackOperator(
+            task_id="rollback",
+            spec=data,
+            trigger_rule=TriggerRule.ALL_DONE,
+            on_success_callback=notify("rollback"),
+            on_failure_callback=notify("rollback_failed"),
+        )
         report = ReportOperator(task_id="report", spec=data, trigger_rule=TriggerRule.ALL_DONE)
-        previous >> decide >> [promote, rollback]
-        [*stage_tasks, begin] >> rollback
-        [promote, rollback] >> report
+        # Not downstream of the branching tasks (approve, decide, extend): a branch skips its direct
+        # children, and the rollback must stay able to run. It waits for them through their children.
+        [begin, *stage_tasks, *ends] >> rollback >> report
     return dag
 
 

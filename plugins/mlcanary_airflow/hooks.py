@@ -167,3 +167,21 @@ def _kubernetes_api(conn_id: str, timeout: float) -> Any:
         api_client = client.ApiClient(configuration)
     api_client.rest_client.pool_manager.connection_pool_kw["timeout"] = timeout
     return client.CustomObjectsApi(api_client)
+
+
+def mlflow_client(conn_id: str) -> Any:
+    """An ``MlflowClient`` for the connection's tracking URI (extra ``tracking_uri``, else its URL);
+    login/password or the extra ``token`` become MLflow's own credential variables."""
+    import os
+
+    from mlflow import MlflowClient
+
+    conn = BaseHook.get_connection(conn_id)
+    extra = conn.extra_dejson
+    uri = extra.get("tracking_uri") or _url(conn)
+    if conn.login:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password or ""
+    if extra.get("token"):
+        os.environ["MLFLOW_TRACKING_TOKEN"] = str(extra["token"])
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)

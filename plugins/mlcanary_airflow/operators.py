@@ -7,13 +7,16 @@ from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
-from airflow.sdk import BaseBranchOperator, BaseOperator, Context
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.bases.branch import BranchMixIn
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from sqlalchemy.engine import Engine
 
+from mlcanary import registry
 from mlcanary import rollout as lifecycle
 from mlcanary.analysis import AnalysisResult, AnalysisWindow, analyze
 from mlcanary.audit import last_decision, record_checks, record_decision
+from mlcanary.mlflow_alias import promote_alias
 from mlcanary.report import format_report, rollout_report
 from mlcanary.rollout import Rollout, RolloutError
 from mlcanary.routers.base import Router
@@ -21,7 +24,7 @@ from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import Verdict
 from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import create_schema
-from mlcanary_airflow.hooks import WarehouseHook, router_for
+from mlcanary_airflow.hooks import WarehouseHook, mlflow_client, router_for
 from mlcanary_airflow.triggers import LookAgainTrigger
 
 
@@ -76,9 +79,16 @@ class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         params = context["params"]
         candidate = params.get("candidate_version")
-        if not candidate:
-            raise AirflowSkipException(f"no candidate version for {self.spec.model}: nothing to roll out")
         create_schema(self.engine, contract=False)
+        if not candidate:  # a scheduled run: the newest candidate in the registry, if there is one
+            with self.engine.connect() as conn:
+                found = registry.next_candidate(conn, self.spec.model)
+            if found is None:
+                raise AirflowSkipException(
+                    f"no new candidate for {self.spec.model} in the registry: nothing to roll out"
+                )
+            candidate = found.version
+            self.log.info("candidate %s from the registry (registered %s)", candidate, found.registered_at)
         try:
             started = lifecycle.begin_rollout(
                 self.engine,
@@ -160,7 +170,7 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         self.log.info("stage %d analysis: %s: %s", self.stage, result.verdict.value, result.reason)
         for flag in result.flags:
             self.log.warning("stage %d: %s", self.stage, flag)
-        a, p = self.spec.analysis, self.spec.policies
+        a = self.spec.analysis
 
         def decide(action: str, reason: str) -> None:
             record_decision(
@@ -187,7 +197,7 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
             decide("rollback", f"analysis: {result.reason}")
             self.roll_back_now(rollout, f"analysis: {result.reason}")
             raise AirflowFailException(f"analysis FAIL: {result.reason}")
-        if result.verdict is Verdict.INVALID and p.invalid == "rollback":
+        if result.verdict is Verdict.INVALID and self.policy(result.verdict) == "rollback":
             decide("rollback", f"analysis: comparison invalid: {result.reason}")
             self.roll_back_now(rollout, f"analysis: comparison invalid: {result.reason}")
             raise AirflowFailException(f"analysis INVALID: {result.reason}")
@@ -196,45 +206,49 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
             look_again()
         return {"verdict": result.verdict.value, "reason": result.reason, "flags": result.flags}
 
+    def policy(self, verdict: Verdict) -> str:
+        """The spec's policy for an INCONCLUSIVE or INVALID verdict."""
+        p = self.spec.policies
+        return p.invalid if verdict is Verdict.INVALID else p.inconclusive
+
     def _extend(self, result: AnalysisResult, first_look: float) -> bool:
         if not self.final or result.verdict is Verdict.PASS:
             return False
-        p = self.spec.policies
-        policy = p.invalid if result.verdict is Verdict.INVALID else p.inconclusive
         waited = time.time() - first_look + self.spec.analysis.interval.total_seconds()
-        return policy == "extend" and waited <= p.max_extension.total_seconds()
+        return self.policy(result.verdict) == "extend" and waited <= self.spec.policies.max_extension.total_seconds()
 
 
-class DecideOperator(RolloutTaskMixin, BaseBranchOperator):
-    """Promote on PASS of the final analysis; otherwise apply the spec's policy."""
+class ExtendOperator(AnalysisOperator, BranchMixIn):
+    """A person chose Extend: look again every analysis interval until the verdict is PASS or FAIL or
+    ``policies.max_extension`` has passed; then promote on PASS, else roll back."""
 
-    def __init__(self, *, spec: dict[str, Any], final_analysis_task_id: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.spec_data = spec
-        self.final_analysis_task_id = final_analysis_task_id
+    inherits_from_skipmixin = True
 
-    def choose_branch(self, context: Context) -> str:
+    def __init__(self, *, spec: dict[str, Any], promote_task_id: str, **kwargs: Any) -> None:
+        super().__init__(spec=spec, stage=len(RolloutSpec.model_validate(spec).stages), final=True, **kwargs)
+        self.promote_task_id = promote_task_id
+
+    def policy(self, verdict: Verdict) -> str:
+        return "extend"
+
+    def execute(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+        result = super().execute(context, event)  # defers between looks; raises on FAIL
+        if result["verdict"] == Verdict.PASS.value:
+            return self.do_branch(context, self.promote_task_id)
         rollout = self.rollout(context)
-        final = context["ti"].xcom_pull(task_ids=self.final_analysis_task_id) or {}
-        verdict = Verdict(final.get("verdict", Verdict.INCONCLUSIVE.value))
-        reason = final.get("reason", "no final analysis result")
-        if verdict is Verdict.PASS:
-            self.log.info("final analysis PASS: promote")
-            return "promote"
-        policy = self.spec.policies.invalid if verdict is Verdict.INVALID else self.spec.policies.inconclusive
-        how = "policy extend: max_extension reached" if policy == "extend" else f"policy {policy}"
-        why = f"final analysis {verdict.value} ({how}): {reason}"
+        reason = (
+            f"extended analysis still {result['verdict']} after {self.spec.policies.max_extension}: {result['reason']}"
+        )
         record_decision(
             self.engine,
             rollout_id=rollout.rollout_id,
             model=self.spec.model,
-            stage=len(self.spec.stages),
+            stage=self.stage,
             action="rollback",
-            verdict=verdict,
-            reason=why,
+            verdict=Verdict(result["verdict"]),
+            reason=reason,
         )
-        self.log.info(why)
-        return "rollback"
+        return self.do_branch(context, None)  # skip the promotion: the rollback task acts
 
 
 class PromoteOperator(RolloutTaskMixin, BaseOperator):
@@ -246,20 +260,31 @@ class PromoteOperator(RolloutTaskMixin, BaseOperator):
         super().__init__(**kwargs)
         self.spec_data = spec
 
-    def execute(self, context: Context) -> None:
+    def execute(self, context: Context) -> str:
         rollout = self.rollout(context)
-        lifecycle.promote(
-            self.engine,
-            self.router,
-            self.spec,
-            rollout,
-            f"all {len(self.spec.stages)} stages healthy and final analysis PASS",
-        )
+        with self.engine.connect() as conn:
+            decided = last_decision(conn, rollout.rollout_id, "promote_chosen")
+        reason = decided.reason if decided else f"all {len(self.spec.stages)} stages healthy and final analysis PASS"
+        lifecycle.promote(self.engine, self.router, self.spec, rollout, reason)
         self.log.info("promoted %s: it now serves 100 %% of %s", rollout.canary_version, self.spec.model)
+        mlflow = self.spec.registry.mlflow
+        if mlflow is not None:
+            previous = promote_alias(
+                mlflow_client(mlflow.conn_id),
+                mlflow.registered_model,
+                mlflow.alias,
+                rollout.canary_version,
+                mlflow.version,
+            )
+            self.log.info(
+                "MLflow: %s@%s -> %s (was %s)", mlflow.registered_model, mlflow.alias, rollout.canary_version, previous
+            )
+        return reason
 
 
 class RollbackOperator(RolloutTaskMixin, BaseOperator):
-    """Canary to 0 %. Runs when anything upstream failed or the decision says so."""
+    """Canary to 0 % unless the candidate was promoted. It runs last, whatever happened upstream
+    (ALL_DONE): after a breach, a failed task, a decision to roll back, or a failed promotion."""
 
     ui_color = "#fce8e6"
 
@@ -272,6 +297,8 @@ class RollbackOperator(RolloutTaskMixin, BaseOperator):
 
     def execute(self, context: Context) -> str:
         rollout = self.rollout(context)
+        if rollout.status == "promoted":
+            raise AirflowSkipException(f"{rollout.canary_version} was promoted: nothing to roll back")
         with self.engine.connect() as conn:
             decided = last_decision(conn, rollout.rollout_id, "rollback")
         reason = decided.reason if decided else "an upstream task failed (see the Airflow run)"

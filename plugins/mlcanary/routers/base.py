@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -71,21 +70,3 @@ def with_retries(call: Callable[[], T], retries: int, transient: Callable[[BaseE
         attempts = retrying.statistics.get("attempt_number", 1)
         tried = f"after {attempts} attempts" if attempts > 1 else "(not retried: not a transient error)"
         raise TrafficShiftError(f"{what} failed {tried}: {type(exc).__name__}: {exc}") from exc
-
-
-class VersionNames:
-    """A name template such as ``ranker-{version}``, and its inverse."""
-
-    def __init__(self, template: str) -> None:
-        if template.count("{version}") != 1:
-            raise ValueError(f"the template {template!r} must contain {{version}} once")
-        self.template = template
-        head, tail = template.split("{version}")
-        self._pattern = re.compile(f"^{re.escape(head)}(?P<version>.+){re.escape(tail)}$")
-
-    def name(self, version: str) -> str:
-        return self.template.replace("{version}", version)
-
-    def version(self, name: str) -> str | None:
-        found = self._pattern.match(name)
-        return found.group("version") if found else None

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlcanary.routers.base import Split, TrafficShiftError, VersionNames, with_retries
+from mlcanary.routers.base import Split, TrafficShiftError, with_retries
+from mlcanary.versions import VersionNames
 
 GROUP, API_VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 BASELINE, CANARY = "mlcanary.io/baseline-version", "mlcanary.io/canary-version"

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mlcanary.routers.base import Split, TrafficShiftError, VersionNames, with_retries
+from mlcanary.routers.base import Split, TrafficShiftError, with_retries
+from mlcanary.versions import VersionNames
 
 _TRANSIENT_CODES = {"ThrottlingException", "ValidationException", "InternalFailure", "ServiceUnavailable"}
 

@@ -1,0 +1,170 @@
+"""People in the loop, with Airflow's human-in-the-loop operators (tasks wait in ``awaiting_input``,
+answered in the UI's Required Actions or through the REST API).
+
+- :class:`ApproveFinalStageOperator`: Approve / Reject before the last traffic step (spec ``approval``).
+- :class:`DecideOperator`: after the last stage, promote on PASS; otherwise the spec's policy: roll back,
+  or ask a person Promote / Extend / Roll back (``policies.*: ask``).
+
+No answer within the timeout takes the safe default: Reject, Roll back. Every answer is recorded in
+the decisions table with who gave it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLBranchOperator, HITLOperator
+from airflow.sdk import Context
+from airflow.sdk.bases.notifier import BaseNotifier
+
+from mlcanary.audit import record_decision
+from mlcanary.spec import RolloutSpec
+from mlcanary.verdict import Verdict
+from mlcanary_airflow.operators import RolloutTaskMixin
+
+PROMOTE, EXTEND, ROLL_BACK = "Promote", "Extend", "Roll back"
+
+
+def _who(event: dict[str, Any], spec: RolloutSpec, timeout: Any) -> str:
+    user = event.get("responded_by_user")
+    if user:
+        return f"by {user.get('name') or user.get('id')}" if isinstance(user, dict) else f"by {user}"
+    return f"by default: no answer within {timeout}"
+
+
+def _assignees(spec: RolloutSpec) -> list[dict[str, str]] | None:
+    return [{"id": u, "name": u} for u in spec.approval.assignees] or None
+
+
+class ApproveFinalStageOperator(RolloutTaskMixin, ApprovalOperator):
+    """Ask a person before the final stage; Reject (or no answer in time) rolls the canary back."""
+
+    def __init__(self, *, spec: dict[str, Any], notifiers: list[BaseNotifier] | None = None, **kwargs: Any) -> None:
+        parsed = RolloutSpec.model_validate(spec)
+        final = parsed.stages[-1]
+        super().__init__(
+            subject=f"Roll {parsed.model} out to {final.percent:g} % (the final stage)?",
+            body=(
+                f"The candidate passed stages 1 to {len(parsed.stages) - 1} of `{parsed.dag_id}`. "
+                f"Approve to move it to {final.percent:g} % for {final.bake}; Reject rolls it back to 0 %. "
+                f"No answer within {parsed.approval.timeout} rejects."
+            ),
+            defaults=[ApprovalOperator.REJECT],
+            response_timeout=parsed.approval.timeout,
+            assigned_users=_assignees(parsed),
+            notifiers=notifiers,
+            **kwargs,
+        )
+        self.spec_data = spec
+
+    def execute(self, context: Context) -> Any:
+        rollout = self.rollout(context)  # skips when the rollout never started
+        self._decide(rollout.rollout_id, "ask", "waiting for approval of the final stage")
+        return super().execute(context)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        result = super().execute_complete(context, event)  # Reject skips the final stage
+        rollout = self.rollout(context)
+        who = _who(result, self.spec, self.spec.approval.timeout)
+        if result["chosen_options"] == [ApprovalOperator.APPROVE]:
+            self._decide(rollout.rollout_id, "approve", f"final stage approved {who}")
+        else:
+            reason = f"final stage not approved: Reject {who}"
+            self._decide(rollout.rollout_id, "rollback", reason)
+            self.roll_back_now(rollout, reason)
+        return result
+
+    def _decide(self, rollout_id: str, action: str, reason: str) -> None:
+        stage = len(self.spec.stages) - 1
+        record_decision(
+            self.engine,
+            rollout_id=rollout_id,
+            model=self.spec.model,
+            stage=stage,
+            action=action,
+            verdict=None,
+            reason=reason,
+        )
+
+
+class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
+    """Promote on a final PASS. Otherwise apply the policy for the verdict: ``rollback`` (or an
+    ``extend`` that ran out) skips the promotion so the rollback task acts; ``ask`` waits for a person."""
+
+    def __init__(
+        self,
+        *,
+        spec: dict[str, Any],
+        final_analysis_task_id: str,
+        promote_task_id: str = "promote",
+        extend_task_id: str | None = None,
+        notifiers: list[BaseNotifier] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        parsed = RolloutSpec.model_validate(spec)
+        options = [PROMOTE, EXTEND, ROLL_BACK] if extend_task_id else [PROMOTE, ROLL_BACK]
+        super().__init__(
+            subject=f"Promote the candidate of {parsed.model}?",
+            body="The final analysis was not conclusive.",  # replaced by the analysis' reason at run time
+            options=options,
+            defaults=[ROLL_BACK],
+            response_timeout=parsed.policies.ask_timeout,
+            assigned_users=_assignees(parsed),
+            notifiers=notifiers,
+            options_mapping={PROMOTE: promote_task_id} | ({EXTEND: extend_task_id} if extend_task_id else {}),
+            **kwargs,
+        )
+        self.spec_data = spec
+        self.final_analysis_task_id = final_analysis_task_id
+        self.promote_task_id = promote_task_id
+
+    def execute(self, context: Context) -> Any:
+        rollout = self.rollout(context)
+        final = context["ti"].xcom_pull(task_ids=self.final_analysis_task_id) or {}
+        verdict = Verdict(final.get("verdict", Verdict.INCONCLUSIVE.value))
+        reason = final.get("reason", "no final analysis result")
+        if verdict is Verdict.PASS:
+            self.log.info("final analysis PASS: promote")
+            return self.do_branch(context, self.promote_task_id)
+        p = self.spec.policies
+        policy = p.invalid if verdict is Verdict.INVALID else p.inconclusive
+        if policy == "ask":
+            self._decide(
+                rollout.rollout_id, "ask", verdict, f"final analysis {verdict.value}, asking a person: {reason}"
+            )
+            self.body = (
+                f"The final analysis of `{rollout.canary_version}` against `{rollout.baseline_version}` is "
+                f"**{verdict.value}**: {reason}\n\nPromote it, Extend the analysis (then decided automatically), "
+                f"or Roll back. No answer within {p.ask_timeout} rolls back."
+            )
+            return HITLOperator.execute(self, context)  # waits in awaiting_input
+        how = "policy extend: max_extension reached" if policy == "extend" else f"policy {policy}"
+        why = f"final analysis {verdict.value} ({how}): {reason}"
+        self._decide(rollout.rollout_id, "rollback", verdict, why)
+        self.log.info(why)
+        return self.do_branch(context, None)  # skip the promotion: the rollback task acts
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        result = HITLOperator.execute_complete(self, context, event)
+        rollout = self.rollout(context)
+        choice = result["chosen_options"][0]
+        who = _who(result, self.spec, self.spec.policies.ask_timeout)
+        if choice == PROMOTE:
+            self._decide(rollout.rollout_id, "promote_chosen", None, f"Promote chosen {who}")
+        elif choice == EXTEND:
+            self._decide(rollout.rollout_id, "extend", None, f"Extend chosen {who}")
+        else:
+            self._decide(rollout.rollout_id, "rollback", None, f"Roll back chosen {who}")
+            return self.do_branch(context, None)
+        return self.do_branch(context, self.options_mapping[choice])
+
+    def _decide(self, rollout_id: str, action: str, verdict: Verdict | None, reason: str) -> None:
+        record_decision(
+            self.engine,
+            rollout_id=rollout_id,
+            model=self.spec.model,
+            stage=len(self.spec.stages),
+            action=action,
+            verdict=verdict,
+            reason=reason,
+        )
