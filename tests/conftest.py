@@ -22,6 +22,8 @@ os.environ.update(
     AIRFLOW__CORE__LOAD_EXAMPLES="False",
     AIRFLOW__CORE__UNIT_TEST_MODE="False",
     AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{_HOME}/airflow.db",
+    # The tests answer human-in-the-loop tasks through the REST API, as an admin of the test home.
+    AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
 )
 os.environ.pop("MLCANARY_SPEC_DIR", None)
 
@@ -172,3 +174,13 @@ def write_batch() -> Writer:
         return end
 
     return write
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """The Airflow metadata DB of the throwaway home set up above."""
+    import subprocess
+    import sys
+
+    airflow = Path(sys.executable).parent / "airflow"
+    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True)

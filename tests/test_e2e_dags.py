@@ -1,116 +1,21 @@
-"""Whole rollout DAGs through ``dag.test()`` against live simulated traffic (about 20 s each).
-
-The simulator runs in a thread and follows the routing table the DAG writes, as a serving layer would.
-"""
+"""Whole rollout DAGs through ``dag.test()`` against live simulated traffic (about 20 s each)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import threading
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import yaml
-from airflow.dag_processing.dagbag import DagBag
 
-from conftest import ROOT, base_spec
+from conftest import base_spec
 from mlcanary.routers.base import Split
-from mlcanary.routers.warehouse import WarehouseRouter
-from mlcanary.simulator import Fault, LiveSimulator, SimConfig
-from mlcanary.spec import parse_spec
 from mlcanary.warehouse.engine import make_engine
-from mlcanary.warehouse.schema import create_schema, decisions, measurements, predictions, rollouts, traffic_history
+from mlcanary.warehouse.schema import predictions, rollouts, traffic_history
+from rollout_runner import E2E_ANALYSIS, MODEL, load_dag, run_rollout, warehouse
 
 pytestmark = pytest.mark.e2e
-MODEL = "unit-ranker"
-# Tuned as a user would for this traffic: ~3,000 canary samples by the last stage.
-E2E_ANALYSIS = {**base_spec()["analysis"], "sequential_n_star": 3000, "metrics": [{"name": "ctr", "tolerance": 0.15}]}
-E2E_POLICIES = {"inconclusive": "extend", "max_extension": "30s"}
-
-
-@pytest.fixture(scope="session")
-def airflow_db() -> None:
-    """The Airflow metadata DB of the throwaway home that conftest set up."""
-    airflow = Path(sys.executable).parent / "airflow"
-    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True)
-
-
-@dataclass
-class Outcome:
-    state: str
-    task_states: dict[str, str]
-    rollout: sa.Row
-    split: Split | None
-    traffic: list[float]
-    decisions: list[sa.Row]
-    guardrail_polls: int
-
-
-def load_dag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """The DAG as Airflow sees it: the spec in a spec folder, built by the real factory file."""
-    spec_dir = tmp_path / "specs"
-    spec_dir.mkdir()
-    (spec_dir / "unit_ranker.yaml").write_text(yaml.safe_dump(spec))
-    monkeypatch.setenv("MLCANARY_SPEC_DIR", str(spec_dir))
-    bag = DagBag(dag_folder=str(ROOT / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags[f"rollout__{parse_spec(spec).name}"]
-
-
-def warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[sa.Engine, WarehouseRouter]:
-    """A fresh SQLite warehouse, reachable from the DAG through the mlcanary_warehouse connection."""
-    db = tmp_path / "warehouse.db"
-    engine = make_engine(f"sqlite:///{db}")
-    create_schema(engine)
-    monkeypatch.setenv("AIRFLOW_CONN_MLCANARY_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(db)}))
-    return engine, WarehouseRouter(engine)
-
-
-def run_rollout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: tuple[str, ...] = (), **spec_overrides: Any
-) -> Outcome:
-    engine, router = warehouse(tmp_path, monkeypatch)
-    router.set_split(Split(MODEL, "v1", None, 0.0), None)
-    config = SimConfig(model=MODEL, seed=3, label_delay=timedelta(seconds=1), faults=[Fault.parse(f) for f in faults])
-    sim = LiveSimulator(engine, config, rate=600, tick=0.5)
-    thread = threading.Thread(target=sim.run, daemon=True)
-    thread.start()
-    time.sleep(2)  # some baseline traffic before the rollout starts
-    try:
-        overrides = {"analysis": E2E_ANALYSIS, "policies": E2E_POLICIES, **spec_overrides}
-        dag = load_dag(tmp_path, monkeypatch, base_spec(**overrides))
-        dag_run = dag.test(run_conf={"candidate_version": "v2"})
-    finally:
-        sim.stop_event.set()
-        thread.join(timeout=30)
-    with engine.connect() as conn:
-        rollout = conn.execute(sa.select(rollouts)).one()
-        traffic = [
-            h.to_percent
-            for h in conn.execute(
-                sa.select(traffic_history).where(traffic_history.c.applied).order_by(traffic_history.c.id)
-            )
-        ]
-        decided = conn.execute(sa.select(decisions).order_by(decisions.c.id)).all()
-        polls = conn.execute(
-            sa.select(sa.func.count(sa.distinct(measurements.c.measured_at))).where(measurements.c.tier == "guardrail")
-        ).scalar()
-    return Outcome(
-        state=str(dag_run.state),
-        task_states={ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()},
-        rollout=rollout,
-        split=router.get_split(MODEL),
-        traffic=traffic,
-        decisions=decided,
-        guardrail_polls=polls,
-    )
 
 
 def test_healthy_candidate_is_promoted(airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

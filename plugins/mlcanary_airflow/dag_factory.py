@@ -146,7 +146,7 @@ def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
         report = ReportOperator(task_id="report", spec=data, trigger_rule=TriggerRule.ALL_DONE)
         # Not downstream of the branching tasks (approve, decide, extend): a branch skips its direct
         # children, and the rollback must stay able to run. It waits for them through their children.
-        [begin, *stage_tasks, *ends] >> rollback >> report
+        [begin, *stage_tasks, *(t for t in ends if isinstance(t, PromoteOperator))] >> rollback >> report
     return dag
 
 

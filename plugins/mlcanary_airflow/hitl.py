@@ -63,16 +63,17 @@ class ApproveFinalStageOperator(RolloutTaskMixin, ApprovalOperator):
         return super().execute(context)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        result = super().execute_complete(context, event)  # Reject skips the final stage
-        rollout = self.rollout(context)
-        who = _who(result, self.spec, self.spec.approval.timeout)
-        if result["chosen_options"] == [ApprovalOperator.APPROVE]:
-            self._decide(rollout.rollout_id, "approve", f"final stage approved {who}")
-        else:
-            reason = f"final stage not approved: Reject {who}"
-            self._decide(rollout.rollout_id, "rollback", reason)
-            self.roll_back_now(rollout, reason)
-        return result
+        # Record first: on Reject the base class skips the final stage by raising (Airflow 3's skip).
+        if "error" not in event:
+            rollout = self.rollout(context)
+            who = _who(event, self.spec, self.spec.approval.timeout)
+            if event["chosen_options"] == [ApprovalOperator.APPROVE]:
+                self._decide(rollout.rollout_id, "approve", f"final stage approved {who}")
+            else:
+                reason = f"final stage not approved: Reject {who}"
+                self._decide(rollout.rollout_id, "rollback", reason)
+                self.roll_back_now(rollout, reason)
+        return super().execute_complete(context, event)
 
     def _decide(self, rollout_id: str, action: str, reason: str) -> None:
         stage = len(self.spec.stages) - 1
