@@ -39,7 +39,8 @@ class Outcome:
     task_states: dict[str, str]
     rollout: sa.Row | None  # None: the run never started a rollout
     split: Split | None
-    traffic: list[float]
+    traffic: list[float]  # the applied steps' canary shares
+    notes: list[str]  # every traffic-history row's note, applied or not
     decisions: list[sa.Row]
     guardrail_polls: int
 
@@ -112,6 +113,7 @@ def run_rollout(
                 sa.select(traffic_history).where(traffic_history.c.applied).order_by(traffic_history.c.id)
             )
         ]
+        notes = [h.note for h in conn.execute(sa.select(traffic_history).order_by(traffic_history.c.id))]
         decided = conn.execute(sa.select(decisions).order_by(decisions.c.id)).all()
         polls = conn.execute(
             sa.select(sa.func.count(sa.distinct(measurements.c.measured_at))).where(measurements.c.tier == "guardrail")
@@ -122,6 +124,7 @@ def run_rollout(
         rollout=found[0] if found else None,
         split=router.get_split(MODEL),
         traffic=traffic,
+        notes=notes,
         decisions=decided,
         guardrail_polls=polls,
     )

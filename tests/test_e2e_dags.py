@@ -24,6 +24,7 @@ def test_healthy_candidate_is_promoted(airflow_db: None, tmp_path: Path, monkeyp
     assert out.rollout.status == "promoted" and out.rollout.stage_reached == 3
     assert out.split.share("v2") == 100.0 and out.split.baseline_version == "v2"
     assert out.traffic == [10.0, 30.0, 60.0, 100.0, 100.0]
+    assert out.notes[-1] == "final split: v2 100 %"  # read back from the router and recorded at the end
     assert out.task_states["promote"] == "success"
     assert out.task_states["rollback"] == "skipped" and out.task_states["report"] == "success"
     assert out.rollout.active_model is None  # the lock is released
@@ -39,6 +40,7 @@ def test_latency_breach_in_stage_2_rolls_back(
     assert out.rollout.reason.startswith("guardrails stage 2 breach: p99_latency_ms")
     assert out.split.share("v2") == 0.0 and out.split.baseline_version == "v1"
     assert 60.0 not in out.traffic and out.traffic[-1] == 0.0
+    assert out.notes[-1] == "final split: v1 100 %, v2 0 %"
     assert out.task_states["stage_2.guardrails"] == "failed"
     assert out.task_states["stage_3.shift_traffic"] == "upstream_failed"  # stage 3 never starts
     assert out.task_states["rollback"] == "success" and out.task_states["report"] == "failed"

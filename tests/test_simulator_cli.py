@@ -13,6 +13,7 @@ import sqlalchemy as sa
 import yaml
 
 from conftest import Writer, base_spec
+from mlcanary import registry
 from mlcanary.cli import main
 from mlcanary.routers.base import Split
 from mlcanary.routers.warehouse import WarehouseRouter
@@ -195,7 +196,7 @@ def test_cli_simulate_batch_then_report(sqlite_url: str, capsys: pytest.CaptureF
 def test_installed_console_script_help() -> None:
     exe = Path(sys.executable).parent / "mlcanary"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("analyze", "guardrails", "simulate", "report"):
+    for command in ("analyze", "guardrails", "simulate", "report", "registry"):
         assert command in out
 
 
@@ -233,3 +234,21 @@ def test_recall_drop_hits_only_its_segment(engine: sa.Engine, write_batch: Write
     rest = _arm_stats(engine, predictions.c.user_cohort != "new")
     assert new["v2"]["recall"] / new["v1"]["recall"] < 0.8  # 30 % of positives demoted
     assert 0.93 < rest["v2"]["recall"] / rest["v1"]["recall"] < 1.07
+
+
+def test_cli_registry_add_and_list(sqlite_url: str, capsys: pytest.CaptureFixture) -> None:
+    common = ["--warehouse", sqlite_url, "--model", "ranker"]
+    assert main(["registry", "add", *common, "--version", "v7", "--note", "nightly 2026-11-27"]) == 0
+    assert main(["registry", "add", *common, "--version", "v7"]) == 0  # again while still a candidate: harmless
+    assert main(["registry", "add", *common, "--version", "v8; drop"]) == 2
+    assert "is not a version" in capsys.readouterr().err
+    assert main(["registry", "list", "--warehouse", sqlite_url, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["version"], r["status"], r["note"]) for r in listed] == [
+        ("ranker", "v7", "candidate", "nightly 2026-11-27")
+    ]
+    engine = make_engine(sqlite_url)
+    with engine.begin() as conn:
+        registry.mark(conn, "ranker", "v7", "rejected", "dag/run", "rolled back")
+    assert main(["registry", "add", *common, "--version", "v7"]) == 2  # a rolled-out version is not a candidate again
+    assert "already rejected" in capsys.readouterr().err

@@ -9,12 +9,14 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from mlcanary import registry
 from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.audit import record_checks
 from mlcanary.guardrails import evaluate_guardrails
@@ -23,7 +25,7 @@ from mlcanary.routers.base import Split
 from mlcanary.routers.warehouse import WarehouseRouter
 from mlcanary.simulator import FAULT_KINDS, Fault, LiveSimulator, SimConfig, simulate_batch
 from mlcanary.sources import MetricSourceError, source_for
-from mlcanary.spec import SpecError, load_spec, parse_duration, spec_files
+from mlcanary.spec import VERSION_PATTERN, SpecError, load_spec, parse_duration, spec_files
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import make_engine, naive_utc, utcnow
 from mlcanary.warehouse.schema import create_schema
@@ -216,6 +218,49 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_registry(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    create_schema(engine, contract=False)
+    if args.action == "add":
+        if not (args.model and args.version):
+            raise UsageError("registry add needs --model and --version")
+        if not re.match(VERSION_PATTERN, args.version):
+            raise UsageError(f"--version {args.version!r} is not a version (letters, digits, . _ : + -)")
+        try:
+            entry = registry.register(engine, args.model, args.version, args.note)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        entries = [entry]
+    else:
+        with engine.connect() as conn:
+            entries = registry.entries(conn, args.model)
+    rows = [
+        {
+            "model": e.model,
+            "version": e.version,
+            "status": e.status,
+            "registered_at": e.registered_at.isoformat(),
+            "updated_at": e.updated_at.isoformat(),
+            "rollout_id": e.rollout_id,
+            "note": e.note,
+        }
+        for e in entries
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(
+            format_table(
+                [
+                    [r["model"], r["version"], r["status"], r["registered_at"][:19], (r["note"] or "")[:80]]
+                    for r in rows
+                ],
+                ["model", "version", "status", "registered", "note"],
+            )
+        )
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     create_schema(_engine(args))
     print("warehouse tables are in place")
@@ -299,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate rollout spec files or folders")
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "registry",
+        help="candidates for scheduled rollouts: add one, or list the registry",
+        description="A training pipeline adds each new version as a candidate; a scheduled rollout takes the "
+        "newest one. Statuses: candidate, rolling_out, baseline, retired, rejected, failed.",
+    )
+    p.add_argument("action", choices=["add", "list"])
+    _warehouse(p)
+    p.add_argument("--model")
+    p.add_argument("--version")
+    p.add_argument("--note", help="add: a note kept with the candidate (e.g. the training run)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_registry)
 
     p = sub.add_parser("init", help="create the warehouse tables (idempotent)")
     _warehouse(p)

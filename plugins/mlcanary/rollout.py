@@ -286,6 +286,20 @@ def _end(engine: Engine, rollout: Rollout, status: str, percent: float, reason: 
             registry.mark(conn, rollout.model, rollout.canary_version, "rejected", rollout.rollout_id, reason[:500])
 
 
+def record_final_split(engine: Engine, router: Router, rollout: Rollout) -> Split | None:
+    """Read the split the platform reports at the end of a rollout and record it: the last row of
+    the traffic history says what is in force (or that it could not be read, and why)."""
+    try:
+        split = router.get_split(rollout.model)
+        note = f"final split: {_describe(split)}"
+    except Exception as exc:
+        split, note = None, f"final split UNKNOWN: the platform could not be read ({type(exc).__name__}: {exc})"
+    share = None if split is None else split.share(rollout.canary_version)
+    recorded = Split(rollout.model, rollout.baseline_version, rollout.canary_version, share or 0.0)
+    _history(engine, rollout, recorded, share, share, False, note)
+    return split
+
+
 def release(engine: Engine, rollout_id: str, reason_if_unfinished: str) -> Rollout | None:
     """Free the model's lock. A rollout still 'running' here ended without a decision: 'failed'."""
     with engine.begin() as conn:

@@ -336,9 +336,20 @@ class ReportOperator(RolloutTaskMixin, BaseOperator):
                 raise AirflowSkipException("no candidate version: nothing was rolled out")
             raise AirflowFailException("the rollout never started: see validate_and_lock")
         ended = lifecycle.release(self.engine, rollout_id, "ended without promotion or rollback")
+        assert ended is not None
+        final = lifecycle.record_final_split(self.engine, self.router, ended)
+        expected = 100.0 if ended.status == "promoted" else 0.0
+        if not ended.dry_run and (final is None or final.share(ended.canary_version) != expected):
+            self.log.error(
+                "mlcanary: the split in force is not the one this rollout ended with (%s: canary at %g %%); "
+                "check the router: %s",
+                ended.status,
+                expected,
+                final,
+            )
         with self.engine.connect() as conn:
             report = rollout_report(conn, rollout_id)
-        assert report is not None and ended is not None
+        assert report is not None
         self.log.info("\n%s", format_report(report))
         if ended.status != "promoted":
             raise AirflowFailException(f"{ended.status.replace('_', ' ')}: {ended.reason}")
