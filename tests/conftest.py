@@ -24,6 +24,7 @@ os.environ.update(
     AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{_HOME}/airflow.db",
     # The tests answer human-in-the-loop tasks through the REST API, as an admin of the test home.
     AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
+    AIRFLOW__API_AUTH__JWT_SECRET=uuid.uuid4().hex * 2,  # a throwaway signing key of a safe length
 )
 os.environ.pop("MLCANARY_SPEC_DIR", None)
 

@@ -105,6 +105,14 @@ def test_defaults_follow_the_warehouse_contract() -> None:
             "source.queries.p99_latency_ms is needed for the p99_latency_ms limit",
         ),
         ({"guardrails": {"no_data_policy": "ignore"}}, "guardrails.no_data_policy", "'fail' or 'hold'"),
+        ({"router": {"kind": "sagemaker"}}, "router.sagemaker.endpoint_name", "Field required"),
+        (
+            {"router": {"kind": "kserve", "inference_service": "r"}, "stages": [{"percent": 12.5, "bake": "1m"}]},
+            "(top level)",
+            "stages.0.percent 12.5: KServe takes whole percentages",
+        ),
+        ({"notifications": {"email": {"to": ["not-an-address"]}}}, "notifications.email.to.0", "should match pattern"),
+        ({"policies": {"inconclusive": "ask", "ask_timeout": "soon"}}, "policies.ask_timeout", "duration"),
         (
             {"guardrails": {"baseline": {"error_rate_ratio_max": 0.5}}},
             "guardrails.baseline.error_rate_ratio_max",

@@ -422,6 +422,14 @@ class RolloutSpec(_Model):
                 )
         return stages
 
+    @model_validator(mode="after")
+    def _whole_percentages_for_kserve(self) -> RolloutSpec:
+        if self.router.kind == "kserve":
+            for i, stage in enumerate(self.stages):
+                if stage.percent != int(stage.percent):
+                    raise ValueError(f"stages.{i}.percent {stage.percent:g}: KServe takes whole percentages")
+        return self
+
     @property
     def dag_id(self) -> str:
         return f"rollout__{self.name}"

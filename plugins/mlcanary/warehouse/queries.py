@@ -142,6 +142,20 @@ def _materialized(cte: sa.CTE) -> sa.CTE:
     return cte
 
 
+def _tails(
+    t: MappedTable,
+    model: str,
+    versions: Sequence[str],
+    start: datetime,
+    end: datetime,
+    values: Sequence[ColumnElement],
+    rows: int,
+) -> sa.CTE:
+    """Each version's tail sample (:func:`_tail_sample`, ``arm`` = its index), in one materialised CTE."""
+    arms = [sa.select(_tail_sample(t, model, v, start, end, values, rows, tag=j)) for j, v in enumerate(versions)]
+    return _materialized(sa.union_all(*arms).cte("tails"))
+
+
 def quantile_edges(
     conn: Connection,
     t: MappedTable,
@@ -199,10 +213,7 @@ def sample_histograms(
     """
     names = list(columns)
     values = [columns[n][0] for n in names]
-    arms = [
-        sa.select(_tail_sample(t, model, v, start, end, values, sample_rows, tag=j)) for j, v in enumerate(versions)
-    ]
-    cte = _materialized(sa.union_all(*arms).cte("tails"))
+    cte = _tails(t, model, versions, start, end, values, sample_rows)
     dialect = conn.dialect.name
     branches = []
     for i, name in enumerate(names):
@@ -430,8 +441,7 @@ def sample_values(
 ) -> dict[str, list[Any]]:
     """The distinct non-NULL values of each column in the versions' most recent ``sample_rows`` rows."""
     values = [t.col(c) for c in columns]
-    arms = [sa.select(_tail_sample(t, model, v, start, end, values, sample_rows)) for v in versions]
-    cte = _materialized(sa.union_all(*arms).cte("tails"))
+    cte = _tails(t, model, versions, start, end, values, sample_rows)
     branches = [
         sa.select(sa.literal(i).label("k"), cte.c[f"c{i}"].label("v")).where(cte.c[f"c{i}"].is_not(None)).distinct()
         for i in range(len(columns))
