@@ -80,7 +80,10 @@ class RolloutNotifier(BaseNotifier):
             text = f"{subject}: {canary} serves 100 % and is the new baseline.\nWhy: {why}\nRun: {run}"
         elif self.event == "promote_failed":
             subject = f"mlcanary: promotion of {what} failed"
-            text = f"{subject}; the rollback task takes the canary back to 0 %.\nRun: {run}"
+            if rollout and rollout.status == "promoted":  # the traffic moved; a later step (MLflow) did not
+                text = f"{subject} after the switch: {canary} serves 100 %, but a later step failed.\nRun: {run}"
+            else:
+                text = f"{subject}; the rollback task takes the canary back to 0 %.\nRun: {run}"
         else:  # approval
             task = context["task"]
             link = task.generate_link_to_ui(task_instance=context["task_instance"], base_url=base_url())
