@@ -146,6 +146,7 @@ def analyze(
         a.segments,
         score_edges,
         sorted({m for metric in a.metrics for m in _needs(metric)}),
+        sample_rows=a.edge_sample,
     )
     segments = pd.DataFrame(rows, columns=["version", "column", "value", "bin", *queries.BIN_MEASURES])
     arms = {
