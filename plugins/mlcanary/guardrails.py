@@ -159,7 +159,8 @@ def evaluate_guardrails(
         add(
             lim.name, outcome, lim.limit, None if theirs is None else theirs.value, None if theirs is None else theirs.n
         )
-    if relative and baseline is not None:
+    if relative:  # set only when the baseline was measured
+        assert baseline is not None
         if relative.error_rate_ratio_max is not None:
             add(
                 "error_rate_vs_baseline",

@@ -166,18 +166,22 @@ def _describe(split: Split | None) -> str:
     return f"{split.baseline_version} {split.share(split.baseline_version):g} %{canary}"
 
 
+def _read_back(router: Router, model: str) -> tuple[Split | None, str | None]:
+    """The split the platform reports now, or why it could not be read (the platform is down)."""
+    try:
+        return router.get_split(model), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 def _record_failure(
     engine: Engine, router: Router, rollout: Rollout, target: Split, note: str, from_pct: float | None, exc: Exception
 ) -> None:
     """Record a failed step with the split the platform reports now (or that it cannot be read)."""
-    try:
-        now = router.get_split(target.model)
-        state = f"the platform reports {_describe(now)}"
-        to_pct = from_pct if now is None else now.share(rollout.canary_version)
-    except Exception as read_error:  # the platform is down: say so, the retry will find out
-        state, to_pct = f"the split could not be read back ({type(read_error).__name__}: {read_error})", from_pct
-    message = f"FAILED {note}: {type(exc).__name__}: {exc}; {state}"
-    _history(engine, rollout, target, from_pct, to_pct, False, message)
+    now, error = _read_back(router, target.model)
+    state = f"the split could not be read back ({error})" if error else f"the platform reports {_describe(now)}"
+    share = None if now is None else now.share(rollout.canary_version)
+    _history(engine, rollout, target, from_pct, share, False, f"FAILED {note}: {type(exc).__name__}: {exc}; {state}")
 
 
 def _history(
@@ -289,11 +293,12 @@ def _end(engine: Engine, rollout: Rollout, status: str, percent: float, reason: 
 def record_final_split(engine: Engine, router: Router, rollout: Rollout) -> Split | None:
     """Read the split the platform reports at the end of a rollout and record it: the last row of
     the traffic history says what is in force (or that it could not be read, and why)."""
-    try:
-        split = router.get_split(rollout.model)
-        note = f"final split: {_describe(split)}"
-    except Exception as exc:
-        split, note = None, f"final split UNKNOWN: the platform could not be read ({type(exc).__name__}: {exc})"
+    split, error = _read_back(router, rollout.model)
+    note = (
+        f"final split UNKNOWN: the platform could not be read ({error})"
+        if error
+        else f"final split: {_describe(split)}"
+    )
     share = None if split is None else split.share(rollout.canary_version)
     recorded = Split(rollout.model, rollout.baseline_version, rollout.canary_version, share or 0.0)
     _history(engine, rollout, recorded, share, share, False, note)

@@ -340,6 +340,10 @@ class Policies(_Model):
     def asks(self) -> bool:
         return "ask" in (self.inconclusive, self.invalid)
 
+    def for_verdict(self, invalid: bool) -> Policy:
+        """The policy for an INVALID (``invalid``) or an INCONCLUSIVE final verdict."""
+        return self.invalid if invalid else self.inconclusive
+
 
 class ApprovalSpec(_Model):
     """A person approves the last traffic step (Airflow's Approve / Reject); no answer in time rejects."""

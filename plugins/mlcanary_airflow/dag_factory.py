@@ -120,13 +120,14 @@ def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
         assert final_analysis is not None
         promoted = {"on_success_callback": notify("promote"), "on_failure_callback": notify("promote_failed")}
         promote = PromoteOperator(task_id="promote", spec=data, **promoted)
-        ends = [promote]
+        promotions, choices = [promote], [promote]  # decide's branches; every task that can promote
         extend_id = None
         if spec.policies.asks:  # a person may choose Extend: look again, then decide automatically
             extend = ExtendOperator(task_id="extend", spec=data, promote_task_id="promote_after_extension")
             promote_after = PromoteOperator(task_id="promote_after_extension", spec=data, **promoted)
             extend >> promote_after
-            ends += [extend, promote_after]
+            promotions.append(promote_after)
+            choices.append(extend)
             extend_id = extend.task_id
         decide = DecideOperator(
             task_id="decide",
@@ -135,7 +136,7 @@ def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
             extend_task_id=extend_id,
             notifiers=notify("approval"),
         )
-        previous >> decide >> [t for t in ends if t.task_id in ("promote", extend_id)]
+        previous >> decide >> choices
         rollback = RollbackOperator(
             task_id="rollback",
             spec=data,
@@ -146,7 +147,7 @@ def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
         report = ReportOperator(task_id="report", spec=data, trigger_rule=TriggerRule.ALL_DONE)
         # Not downstream of the branching tasks (approve, decide, extend): a branch skips its direct
         # children, and the rollback must stay able to run. It waits for them through their children.
-        [begin, *stage_tasks, *(t for t in ends if isinstance(t, PromoteOperator))] >> rollback >> report
+        [begin, *stage_tasks, *promotions] >> rollback >> report
     return dag
 
 

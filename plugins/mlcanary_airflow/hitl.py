@@ -17,7 +17,6 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLBran
 from airflow.sdk import Context
 from airflow.sdk.bases.notifier import BaseNotifier
 
-from mlcanary.audit import record_decision
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import Verdict
 from mlcanary_airflow.operators import RolloutTaskMixin
@@ -25,7 +24,7 @@ from mlcanary_airflow.operators import RolloutTaskMixin
 PROMOTE, EXTEND, ROLL_BACK = "Promote", "Extend", "Roll back"
 
 
-def _who(event: dict[str, Any], spec: RolloutSpec, timeout: Any) -> str:
+def _who(event: dict[str, Any], timeout: Any) -> str:
     user = event.get("responded_by_user")
     if user:
         return f"by {user.get('name') or user.get('id')}" if isinstance(user, dict) else f"by {user}"
@@ -59,33 +58,21 @@ class ApproveFinalStageOperator(RolloutTaskMixin, ApprovalOperator):
 
     def execute(self, context: Context) -> Any:
         rollout = self.rollout(context)  # skips when the rollout never started
-        self._decide(rollout.rollout_id, "ask", "waiting for approval of the final stage")
+        self.decide(rollout, "ask", "waiting for approval of the final stage", len(self.spec.stages) - 1)
         return super().execute(context)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         # Record first: on Reject the base class skips the final stage by raising (Airflow 3's skip).
         if "error" not in event:
             rollout = self.rollout(context)
-            who = _who(event, self.spec, self.spec.approval.timeout)
+            who = _who(event, self.spec.approval.timeout)
             if event["chosen_options"] == [ApprovalOperator.APPROVE]:
-                self._decide(rollout.rollout_id, "approve", f"final stage approved {who}")
+                self.decide(rollout, "approve", f"final stage approved {who}", len(self.spec.stages) - 1)
             else:
                 reason = f"final stage not approved: Reject {who}"
-                self._decide(rollout.rollout_id, "rollback", reason)
+                self.decide(rollout, "rollback", reason, len(self.spec.stages) - 1)
                 self.roll_back_now(rollout, reason)
         return super().execute_complete(context, event)
-
-    def _decide(self, rollout_id: str, action: str, reason: str) -> None:
-        stage = len(self.spec.stages) - 1
-        record_decision(
-            self.engine,
-            rollout_id=rollout_id,
-            model=self.spec.model,
-            stage=stage,
-            action=action,
-            verdict=None,
-            reason=reason,
-        )
 
 
 class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
@@ -128,11 +115,10 @@ class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
             self.log.info("final analysis PASS: promote")
             return self.do_branch(context, self.promote_task_id)
         p = self.spec.policies
-        policy = p.invalid if verdict is Verdict.INVALID else p.inconclusive
+        policy = p.for_verdict(invalid=verdict is Verdict.INVALID)
+        final = len(self.spec.stages)
         if policy == "ask":
-            self._decide(
-                rollout.rollout_id, "ask", verdict, f"final analysis {verdict.value}, asking a person: {reason}"
-            )
+            self.decide(rollout, "ask", f"final analysis {verdict.value}, asking a person: {reason}", final, verdict)
             self.body = (
                 f"The final analysis of `{rollout.canary_version}` against `{rollout.baseline_version}` is "
                 f"**{verdict.value}**: {reason}\n\nPromote it, Extend the analysis (then decided automatically), "
@@ -141,7 +127,7 @@ class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
             return HITLOperator.execute(self, context)  # waits in awaiting_input
         how = "policy extend: max_extension reached" if policy == "extend" else f"policy {policy}"
         why = f"final analysis {verdict.value} ({how}): {reason}"
-        self._decide(rollout.rollout_id, "rollback", verdict, why)
+        self.decide(rollout, "rollback", why, final, verdict)
         self.log.info(why)
         return self.do_branch(context, None)  # skip the promotion: the rollback task acts
 
@@ -149,23 +135,8 @@ class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
         result = HITLOperator.execute_complete(self, context, event)
         rollout = self.rollout(context)
         choice = result["chosen_options"][0]
-        who = _who(result, self.spec, self.spec.policies.ask_timeout)
-        if choice == PROMOTE:
-            self._decide(rollout.rollout_id, "promote_chosen", None, f"Promote chosen {who}")
-        elif choice == EXTEND:
-            self._decide(rollout.rollout_id, "extend", None, f"Extend chosen {who}")
-        else:
-            self._decide(rollout.rollout_id, "rollback", None, f"Roll back chosen {who}")
-            return self.do_branch(context, None)
-        return self.do_branch(context, self.options_mapping[choice])
-
-    def _decide(self, rollout_id: str, action: str, verdict: Verdict | None, reason: str) -> None:
-        record_decision(
-            self.engine,
-            rollout_id=rollout_id,
-            model=self.spec.model,
-            stage=len(self.spec.stages),
-            action=action,
-            verdict=verdict,
-            reason=reason,
+        action = {PROMOTE: "promote_chosen", EXTEND: "extend"}.get(choice, "rollback")
+        self.decide(
+            rollout, action, f"{choice} chosen {_who(result, self.spec.policies.ask_timeout)}", len(self.spec.stages)
         )
+        return self.do_branch(context, self.options_mapping.get(choice))  # Roll back: none, the rollback task acts

@@ -47,35 +47,19 @@ class WarehouseHook(BaseHook):
         return make_engine(self.get_url())
 
 
-class PrometheusHook(BaseHook):
-    """A Prometheus server from a connection (type ``http`` or ``generic``).
-
-    The URL is the extra ``url``, or built from host (which may carry the scheme), port and schema
-    (``http``/``https``); login and password give basic auth; the extra ``headers`` (a mapping) is
-    sent with every query, e.g. ``{"Authorization": "Bearer ..."}``.
-    """
-
-    conn_name_attr = "conn_id"
-    default_conn_name = "prometheus_default"
-    conn_type = "http"
-    hook_name = "mlcanary Prometheus"
-
-    def __init__(self, conn_id: str = default_conn_name) -> None:
-        super().__init__()
-        self.conn_id = conn_id
-
-    def client_args(self) -> dict[str, Any]:
-        conn = self.get_connection(self.conn_id)
-        auth = (conn.login, conn.password or "") if conn.login else None
-        return {"prometheus_url": _url(conn), "auth": auth, "headers": dict(conn.extra_dejson.get("headers") or {})}
-
-
 def metric_source(spec: RolloutSpec) -> MetricSource:
-    """The guardrail source the spec names, with its connection resolved."""
+    """The guardrail source the spec names, with its connection resolved.
+
+    Prometheus: the URL is the connection's extra ``url``, or host (which may carry the scheme),
+    port and schema; login and password give basic auth; the extra ``headers`` (a mapping) is sent
+    with every query, e.g. ``{"Authorization": "Bearer ..."}``.
+    """
     engine = WarehouseHook(spec.warehouse.conn_id).get_engine()
-    if spec.guardrails.source.kind == "prometheus":
-        return source_for(spec, engine, **PrometheusHook(spec.guardrails.source.prometheus_conn_id).client_args())
-    return source_for(spec, engine)
+    if spec.guardrails.source.kind != "prometheus":
+        return source_for(spec, engine)
+    conn = BaseHook.get_connection(spec.guardrails.source.prometheus_conn_id)
+    auth = (conn.login, conn.password or "") if conn.login else None
+    return source_for(spec, engine, _url(conn), auth, dict(conn.extra_dejson.get("headers") or {}))
 
 
 def router_for(spec: RolloutSpec) -> Router:

@@ -57,6 +57,20 @@ class RolloutTaskMixin:
             raise AirflowSkipException("this run never started a rollout (see validate_and_lock)")
         return found
 
+    def decide(
+        self, rollout: Rollout, action: str, reason: str, stage: int | None, verdict: Verdict | None = None
+    ) -> None:
+        """Record a decision about this rollout in the audit table."""
+        record_decision(
+            self.engine,
+            rollout_id=rollout.rollout_id,
+            model=self.spec.model,
+            stage=stage,
+            action=action,
+            verdict=verdict,
+            reason=reason,
+        )
+
     def roll_back_now(self, rollout: Rollout, reason: str) -> None:
         """Canary to 0 % from the task that saw the breach, before it fails: no waiting for the
         DAG's failure cascade to reach the ``rollback`` task. That task still runs (with retries)
@@ -173,15 +187,7 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         a = self.spec.analysis
 
         def decide(action: str, reason: str) -> None:
-            record_decision(
-                self.engine,
-                rollout_id=rollout.rollout_id,
-                model=self.spec.model,
-                stage=self.stage,
-                action=action,
-                verdict=result.verdict,
-                reason=reason,
-            )
+            self.decide(rollout, action, reason, self.stage, result.verdict)
 
         def look_again(fails: int = 0) -> None:
             at = time.time() + a.interval.total_seconds()
@@ -208,8 +214,7 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
 
     def policy(self, verdict: Verdict) -> str:
         """The spec's policy for an INCONCLUSIVE or INVALID verdict."""
-        p = self.spec.policies
-        return p.invalid if verdict is Verdict.INVALID else p.inconclusive
+        return self.spec.policies.for_verdict(invalid=verdict is Verdict.INVALID)
 
     def _extend(self, result: AnalysisResult, first_look: float) -> bool:
         if not self.final or result.verdict is Verdict.PASS:
@@ -239,15 +244,7 @@ class ExtendOperator(AnalysisOperator, BranchMixIn):
         reason = (
             f"extended analysis still {result['verdict']} after {self.spec.policies.max_extension}: {result['reason']}"
         )
-        record_decision(
-            self.engine,
-            rollout_id=rollout.rollout_id,
-            model=self.spec.model,
-            stage=self.stage,
-            action="rollback",
-            verdict=Verdict(result["verdict"]),
-            reason=reason,
-        )
+        self.decide(rollout, "rollback", reason, self.stage, Verdict(result["verdict"]))
         return self.do_branch(context, None)  # skip the promotion: the rollback task acts
 
 
@@ -303,15 +300,7 @@ class RollbackOperator(RolloutTaskMixin, BaseOperator):
             decided = last_decision(conn, rollout.rollout_id, "rollback")
         reason = decided.reason if decided else "an upstream task failed (see the Airflow run)"
         if decided is None:
-            record_decision(
-                self.engine,
-                rollout_id=rollout.rollout_id,
-                model=self.spec.model,
-                stage=rollout.stage_reached or None,
-                action="rollback",
-                verdict=None,
-                reason=reason,
-            )
+            self.decide(rollout, "rollback", reason, rollout.stage_reached or None)
         lifecycle.rollback(self.engine, self.router, self.spec, rollout, reason)
         self.log.warning("rolled back %s to 0 %%: %s", rollout.canary_version, reason)
         return reason

@@ -9,7 +9,6 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from mlcanary.audit import record_decision
 from mlcanary_airflow.operators import RolloutTaskMixin
 from mlcanary_airflow.triggers import GuardrailTrigger
 
@@ -61,14 +60,6 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
             return {k: event[k] for k in ("status", "polls", "healthy_seconds", "reason")}
         rollout = self.rollout(context)
         reason = f"guardrails stage {self.stage} {event['status']}: {event['reason']}"
-        record_decision(
-            self.engine,
-            rollout_id=rollout.rollout_id,
-            model=self.spec.model,
-            stage=self.stage,
-            action="rollback",
-            verdict=None,
-            reason=reason,
-        )
+        self.decide(rollout, "rollback", reason, self.stage)
         self.roll_back_now(rollout, reason)
         raise AirflowFailException(reason)
