@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import utcnow
@@ -55,7 +55,7 @@ def record_checks(
 
 
 def record_decision(
-    engine: Engine,
+    conn: Connection,
     *,
     rollout_id: str | None,
     model: str,
@@ -63,19 +63,32 @@ def record_decision(
     action: str,
     verdict: Verdict | None,
     reason: str,
-) -> None:
-    with engine.begin() as conn:
-        conn.execute(
-            sa.insert(decisions).values(
-                rollout_id=rollout_id,
-                model=model,
-                stage=stage,
-                action=action,
-                verdict=None if verdict is None else verdict.value,
-                reason=reason,
-                decided_at=utcnow(),
-            )
+    key: str | None = None,
+) -> bool:
+    """Store one decision; returns whether it was new.
+
+    With a ``key`` the decision is idempotent: a retried task that decides the same thing again (the
+    same key for the same rollout) records nothing. Without one, every call adds a row.
+    """
+    if key is not None and rollout_id is not None:
+        seen = conn.execute(
+            sa.select(decisions.c.id).where(decisions.c.rollout_id == rollout_id, decisions.c.decision_key == key)
+        ).first()
+        if seen is not None:
+            return False
+    conn.execute(
+        sa.insert(decisions).values(
+            rollout_id=rollout_id,
+            model=model,
+            stage=stage,
+            action=action,
+            verdict=None if verdict is None else verdict.value,
+            reason=reason,
+            decided_at=utcnow(),
+            decision_key=key,
         )
+    )
+    return True
 
 
 def last_decision(conn: Connection, rollout_id: str, action: str) -> sa.Row | None:

@@ -5,10 +5,14 @@
     validate_and_lock ─► stage_1 [shift_traffic ─► guardrails ─► analysis] ─► … ─► [approve_final_stage]
         ─► stage_N ─► decide ─► promote                       (final analysis PASS, or a person chose it)
                             └─► extend ─► promote_after_extension   (policy ask: a person chose Extend)
-    rollback (ALL_DONE, after everything): canary to 0 % unless promoted ─► report
-    report: releases the lock; the run succeeds only if the candidate was promoted
+    rollback (teardown of validate_and_lock): canary to 0 % unless promoted ─► report (teardown)
+    report: releases the lock once the split is safe; the run succeeds only if the candidate was promoted
 
-Building a DAG reads nothing but the spec: no database, no network, no Airflow Variables.
+``rollback`` and ``report`` are Airflow teardown tasks: they run however the run ends, also when a
+person marks it failed or success (Airflow leaves teardowns to run), and they are not skipped.
+
+Building a DAG reads nothing but the spec files and the snapshots of running rollouts' specs
+(:mod:`mlcanary_airflow.snapshots`): no database, no network, no Airflow Variables.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Param, TaskGroup, TriggerRule, get_parsing_context
+from airflow.sdk import DAG, Param, TaskGroup, get_parsing_context
 
-from mlcanary.spec import VERSION_PATTERN, RolloutSpec, SpecError, load_specs
+from mlcanary.spec import VERSION_PATTERN, RolloutSpec, SpecError, load_specs, parse_spec
+from mlcanary_airflow import snapshots
 from mlcanary_airflow.hitl import ApproveFinalStageOperator, DecideOperator
 from mlcanary_airflow.notifiers import RolloutNotifier
 from mlcanary_airflow.operators import (
@@ -68,11 +73,19 @@ def _params(spec: RolloutSpec) -> dict[str, Param]:
             title="Dry run",
             description="Run every check and decision but change no traffic.",
         ),
+        "force_reason": Param(
+            None,
+            type=["null", "string"],
+            maxLength=500,
+            title="Force: why roll out a rejected candidate",
+            description="A candidate rolled back before is refused; to roll it out again, say why (recorded).",
+        ),
     }
 
 
-def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
+def build_dag(spec: RolloutSpec, source: str | Path = "", snapshot_dir: str | Path = "") -> DAG:
     data = spec.model_dump(mode="json", by_alias=True)
+    snapshot_dir = str(snapshot_dir or snapshots.snapshot_dir(Path(source).parent if source else "."))
     doc = (
         f"### Rollout of `{spec.model}`\n\n{spec.description}\n\n"
         f"Stages: {', '.join(f'{s.percent:g} % for {s.bake}' for s in spec.stages)}.  \n"
@@ -94,7 +107,7 @@ def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
         def notify(event: str) -> list[RolloutNotifier]:
             return [RolloutNotifier(spec=data, event=event)] if spec.notifications.channels else []
 
-        begin = BeginRolloutOperator(task_id="validate_and_lock", spec=data)
+        begin = BeginRolloutOperator(task_id="validate_and_lock", spec=data, snapshot_dir=snapshot_dir)
         previous: Any = begin
         stage_tasks = []
         final_analysis = None
@@ -140,35 +153,64 @@ def build_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
         rollback = RollbackOperator(
             task_id="rollback",
             spec=data,
-            trigger_rule=TriggerRule.ALL_DONE,
             on_success_callback=notify("rollback"),
             on_failure_callback=notify("rollback_failed"),
+        ).as_teardown(setups=begin)
+        report = ReportOperator(task_id="report", spec=data, snapshot_dir=snapshot_dir).as_teardown(
+            setups=begin, on_failure_fail_dagrun=True
         )
-        report = ReportOperator(task_id="report", spec=data, trigger_rule=TriggerRule.ALL_DONE)
         # Not downstream of the branching tasks (approve, decide, extend): a branch skips its direct
         # children, and the rollback must stay able to run. It waits for them through their children.
-        [begin, *stage_tasks, *promotions] >> rollback >> report
+        [*stage_tasks, *promotions] >> rollback >> report
     return dag
 
 
 def build_dags(spec_dir: str | Path) -> dict[str, DAG]:
-    """A DAG for every valid spec of ``spec_dir``; each broken spec is reported and left out."""
+    """A DAG for every valid spec of ``spec_dir``; each broken spec is reported and left out.
+
+    A spec whose rollout is running is built from the snapshot that rollout started with, whatever
+    its YAML says now (edited, broken, renamed or deleted): the rollout ends on the spec it began.
+    """
     specs, errors = load_specs(spec_dir)
     for error in errors:
         _report(error)
+    snapshot_dir = snapshots.snapshot_dir(spec_dir)
+    running, unreadable = snapshots.load_all(snapshot_dir)
+    for problem in unreadable:
+        _warn(f"mlcanary: {problem}")
+    chosen: dict[str, tuple[str, RolloutSpec]] = {spec.name: (str(path), spec) for path, spec in specs}
+    for snap in running:
+        try:
+            stored = parse_spec(snap.spec, str(snap.path))
+        except SpecError as exc:
+            _report(exc)
+            continue
+        current = chosen.get(stored.name)
+        if current is None or current[1] != stored:
+            state = "is broken, renamed or deleted" if current is None else "was edited"
+            _warn(
+                f"mlcanary: the spec of {stored.dag_id} {state} while rollout {snap.rollout_id} runs: "
+                f"its DAG is built from the spec that rollout started with ({snap.path}) until it ends"
+            )
+        chosen[stored.name] = (str(snap.path), stored)
     wanted = get_parsing_context().dag_id  # a worker builds only the DAG it runs
     dags: dict[str, DAG] = {}
-    for path, spec in specs:
+    for source, spec in chosen.values():
         if wanted is not None and wanted != spec.dag_id:
             continue
         try:
-            dags[spec.dag_id] = build_dag(spec, path)
+            dags[spec.dag_id] = build_dag(spec, source, snapshot_dir)
         except Exception as exc:  # one spec must never take the other rollouts' DAGs down
-            _report(SpecError(str(path), [f"cannot build the DAG: {exc}"]))
+            _report(SpecError(source, [f"cannot build the DAG: {exc}"]))
     return dags
 
 
 def _report(error: SpecError) -> None:
     message = f"mlcanary: rollout spec skipped, its DAG is not loaded:\n{error}"
     log.error(message)
+    warnings.warn(message, SpecWarning, stacklevel=2)
+
+
+def _warn(message: str) -> None:
+    log.warning(message)
     warnings.warn(message, SpecWarning, stacklevel=2)

@@ -17,6 +17,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLBran
 from airflow.sdk import Context
 from airflow.sdk.bases.notifier import BaseNotifier
 
+from mlcanary.lifecycle import Action, Step, final_decision
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import Verdict
 from mlcanary_airflow.operators import RolloutTaskMixin
@@ -57,21 +58,21 @@ class ApproveFinalStageOperator(RolloutTaskMixin, ApprovalOperator):
         self.spec_data = spec
 
     def execute(self, context: Context) -> Any:
-        rollout = self.rollout(context)  # skips when the rollout never started
-        self.decide(rollout, "ask", "waiting for approval of the final stage", len(self.spec.stages) - 1)
+        rollout = self.rollout(context, Action.LOOK)  # skips when the rollout never started or ended
+        stage = len(self.spec.stages) - 1
+        self.decide(rollout, "ask", "waiting for approval of the final stage", stage, key="ask:approval")
         return super().execute(context)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         # Record first: on Reject the base class skips the final stage by raising (Airflow 3's skip).
         if "error" not in event:
-            rollout = self.rollout(context)
+            ref = self.ref(context)
             who = _who(event, self.spec.approval.timeout)
+            stage = len(self.spec.stages) - 1
             if event["chosen_options"] == [ApprovalOperator.APPROVE]:
-                self.decide(rollout, "approve", f"final stage approved {who}", len(self.spec.stages) - 1)
+                self.decide(ref, "approve", f"final stage approved {who}", stage, key="approve")
             else:
-                reason = f"final stage not approved: Reject {who}"
-                self.decide(rollout, "rollback", reason, len(self.spec.stages) - 1)
-                self.roll_back_now(rollout, reason)
+                self.roll_back_now(ref, f"final stage not approved: Reject {who}")
         return super().execute_complete(context, event)
 
 
@@ -107,36 +108,38 @@ class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
         self.promote_task_id = promote_task_id
 
     def execute(self, context: Context) -> Any:
-        rollout = self.rollout(context)
+        rollout = self.rollout(context, Action.LOOK)
         final = context["ti"].xcom_pull(task_ids=self.final_analysis_task_id) or {}
         verdict = Verdict(final.get("verdict", Verdict.INCONCLUSIVE.value))
-        reason = final.get("reason", "no final analysis result")
-        if verdict is Verdict.PASS:
-            self.log.info("final analysis PASS: promote")
-            return self.do_branch(context, self.promote_task_id)
         p = self.spec.policies
-        policy = p.for_verdict(invalid=verdict is Verdict.INVALID)
-        final = len(self.spec.stages)
-        if policy == "ask":
-            self.decide(rollout, "ask", f"final analysis {verdict.value}, asking a person: {reason}", final, verdict)
-            self.body = (
-                f"The final analysis of `{rollout.canary_version}` against `{rollout.baseline_version}` is "
-                f"**{verdict.value}**: {reason}\n\nPromote it, Extend the analysis (then decided automatically), "
-                f"or Roll back. No answer within {p.ask_timeout} rolls back."
-            )
-            return HITLOperator.execute(self, context)  # waits in awaiting_input
-        how = "policy extend: max_extension reached" if policy == "extend" else f"policy {policy}"
-        why = f"final analysis {verdict.value} ({how}): {reason}"
-        self.decide(rollout, "rollback", why, final, verdict)
-        self.log.info(why)
-        return self.do_branch(context, None)  # skip the promotion: the rollback task acts
+        nxt = final_decision(
+            verdict, final.get("reason", "no final analysis result"), p.for_verdict(invalid=verdict is Verdict.INVALID)
+        )
+        stage = len(self.spec.stages)
+        match nxt.step:
+            case Step.PROMOTE:
+                self.log.info(nxt.reason)
+                return self.do_branch(context, self.promote_task_id)
+            case Step.ASK:
+                self.decide(rollout, "ask", nxt.reason, stage, verdict, key="ask:decide")
+                self.body = (
+                    f"The final analysis of `{rollout.canary_version}` against `{rollout.baseline_version}` is "
+                    f"**{verdict.value}**: {final.get('reason')}\n\nPromote it, Extend the analysis (then decided "
+                    f"automatically), or Roll back. No answer within {p.ask_timeout} rolls back."
+                )
+                return HITLOperator.execute(self, context)  # waits in awaiting_input
+        self.log.info(nxt.reason)
+        self.roll_back_now(rollout.ref, nxt.reason)
+        return self.do_branch(context, None)  # skip the promotion: the rollback is done
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         result = HITLOperator.execute_complete(self, context, event)
-        rollout = self.rollout(context)
+        ref = self.ref(context)
         choice = result["chosen_options"][0]
-        action = {PROMOTE: "promote_chosen", EXTEND: "extend"}.get(choice, "rollback")
-        self.decide(
-            rollout, action, f"{choice} chosen {_who(result, self.spec.policies.ask_timeout)}", len(self.spec.stages)
-        )
-        return self.do_branch(context, self.options_mapping.get(choice))  # Roll back: none, the rollback task acts
+        who = f"{choice} chosen {_who(result, self.spec.policies.ask_timeout)}"
+        stage = len(self.spec.stages)
+        if choice == ROLL_BACK:
+            self.roll_back_now(ref, who)
+            return self.do_branch(context, None)
+        self.decide(ref, {PROMOTE: "promote_chosen", EXTEND: "extend"}[choice], who, stage, key=f"answer:{choice}")
+        return self.do_branch(context, self.options_mapping.get(choice))

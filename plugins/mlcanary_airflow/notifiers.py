@@ -9,11 +9,7 @@ from airflow.configuration import conf
 from airflow.sdk import Context
 from airflow.sdk.bases.notifier import BaseNotifier
 
-from mlcanary.audit import last_decision
-from mlcanary.rollout import get_rollout
 from mlcanary.spec import NotifyEvent, RolloutSpec
-from mlcanary.warehouse.engine import make_engine
-from mlcanary_airflow.hooks import WarehouseHook
 
 log = logging.getLogger(__name__)
 
@@ -32,58 +28,50 @@ def base_url() -> str:
 class RolloutNotifier(BaseNotifier):
     """Sends one message about a rollout ``event`` to the spec's channels (Slack, e-mail).
 
-    The message names the model, the versions, the stage, the reason from the audit tables, and a
-    link to the run (or, for ``approval``, to the task waiting for a person). A channel that fails is
-    logged and does not fail the task: the audit tables still hold everything.
+    The message names the model, the versions, the reason and a link to the run (or, for
+    ``approval``, to the task waiting for a person). It is built from the task's context alone (its
+    XCom and its exception), never from the warehouse: a rollback is announced when the warehouse is
+    down too. A channel that fails is logged and does not fail the task.
     """
 
-    def __init__(self, *, spec: dict[str, Any], event: Event, warehouse_url: str | None = None) -> None:
+    def __init__(self, *, spec: dict[str, Any], event: Event) -> None:
         super().__init__()
         self.spec_data = spec
         self.event = event
-        self.warehouse_url = warehouse_url  # for tests; otherwise the spec's warehouse connection
 
     def message(self, context: Context) -> tuple[str, str]:
-        """(subject, text) for this event, from the context and the audit tables."""
+        """(subject, text) for this event, from the context."""
         spec = RolloutSpec.model_validate(self.spec_data)
-        dag_id, run_id = context["dag"].dag_id, context["run_id"]
-        rollout_id = f"{dag_id}/{run_id}"
-        engine = (
-            make_engine(self.warehouse_url)
-            if self.warehouse_url
-            else WarehouseHook(spec.warehouse.conn_id).get_engine()
-        )
-        with engine.connect() as conn:
-            rollout = get_rollout(conn, rollout_id)
-            decided = last_decision(conn, rollout_id, "rollback")
-        canary = rollout.canary_version if rollout else context["params"].get("candidate_version")
-        baseline = rollout.baseline_version if rollout else "?"
-        what = f"{spec.model} {canary} (baseline {baseline})"
-        run = f"{base_url()}/dags/{dag_id}/runs/{run_id}"
-        stage = f"stage {rollout.stage_reached} of {len(spec.stages)}" if rollout else "before any traffic"
+        ti = context["ti"]
+        started = ti.xcom_pull(task_ids="validate_and_lock") or {}
+        canary = started.get("canary_version") or context["params"].get("candidate_version") or "?"
+        what = f"{spec.model} {canary} (baseline {started.get('baseline_version', '?')})"
+        run = run_link(context)
+        error = context.get("exception")
         if self.event == "rollback":
-            reason = rollout.reason if rollout and rollout.reason else (decided.reason if decided else "see the run")
+            done = ti.xcom_pull(task_ids=ti.task_id) or {}
             subject = f"mlcanary: {what} rolled back"
-            text = f"{subject} at {stage}: the canary is at 0 %.\nWhy: {reason}\nRun: {run}"
+            text = (
+                f"{subject}: the canary is at 0 % (the router reports {done.get('split', '?')}).\n"
+                f"Why: {done.get('reason', 'see the run')}\nRun: {run}"
+            )
         elif self.event == "rollback_failed":
             subject = f"mlcanary: ROLLBACK FAILED for {what}"
             text = (
-                f"{subject}: the canary may still receive traffic ({rollout.canary_percent:g} % last recorded). "
-                f"Act now: check the router, then clear the rollback task.\nWhy it was rolled back: "
-                f"{decided.reason if decided else 'see the run'}\nRun: {run}"
-                if rollout
-                else f"{subject}.\nRun: {run}"
+                f"{subject}: the canary may still receive traffic. Act now: check the router, then clear the "
+                f"rollback task or run `mlcanary abort --rollout {started.get('rollout_id', '?')} --reason ...`.\n"
+                f"What failed: {error or 'see the run'}\nRun: {run}"
             )
         elif self.event == "promote":
             subject = f"mlcanary: {what} promoted"
-            why = rollout.reason if rollout else "-"
+            why = ti.xcom_pull(task_ids=ti.task_id) or "-"
             text = f"{subject}: {canary} serves 100 % and is the new baseline.\nWhy: {why}\nRun: {run}"
         elif self.event == "promote_failed":
             subject = f"mlcanary: promotion of {what} failed"
-            if rollout and rollout.status == "promoted":  # the traffic moved; a later step (MLflow) did not
-                text = f"{subject} after the switch: {canary} serves 100 %, but a later step failed.\nRun: {run}"
-            else:
-                text = f"{subject}; the rollback task takes the canary back to 0 %.\nRun: {run}"
+            text = (
+                f"{subject}: {error or 'see the run'}\n"
+                f"The rollback task takes the canary back to 0 % unless it was promoted.\nRun: {run}"
+            )
         else:  # approval
             task = context["task"]
             link = task.generate_link_to_ui(task_instance=context["task_instance"], base_url=base_url())
@@ -98,18 +86,44 @@ class RolloutNotifier(BaseNotifier):
         always = self.event in ("rollback_failed", "promote_failed")
         if not n.channels or not (always or self.event in n.events):
             return
-        subject, text = self.message(context)
-        if n.slack is not None:
-            self._send("Slack", lambda: _slack(n.slack.conn_id, text, context))  # type: ignore[union-attr]
-        if n.email is not None:
-            email = n.email
-            self._send("e-mail", lambda: _email(email.conn_id, email.to, email.from_email, subject, text, context))
-
-    def _send(self, channel: str, send: Any) -> None:
         try:
-            send()
-        except Exception:  # a notification must never change the rollout's outcome
-            log.exception("mlcanary: the %s notification about %s could not be sent", channel, self.event)
+            subject, text = self.message(context)
+        except Exception as exc:  # a message that cannot be built must still go out, plainly
+            log.exception("mlcanary: the message about %s could not be built", self.event)
+            subject, text = f"mlcanary: {self.event} for {spec.model}", f"{self.event}: see {run_link(context)} ({exc})"
+        send(spec, subject, text, context, self.event)
+
+
+def run_link(context: Context) -> str:
+    return f"{base_url()}/dags/{context['dag'].dag_id}/runs/{context['run_id']}"
+
+
+def alert(spec: RolloutSpec, context: Context, status: str, problem: str, rollout_id: str) -> None:
+    """Always sent, whatever the spec subscribes to: the model stays locked because its split is not safe."""
+    subject = f"mlcanary: {status.upper().replace('_', ' ')} for {spec.model}"
+    text = (
+        f"{subject}: {problem}.\nThe model stays locked until the split is safe. Act now: check the router, "
+        f"then run `mlcanary abort --rollout {rollout_id} --reason ...`.\nRun: {run_link(context)}"
+    )
+    send(spec, subject, text, context, status)
+
+
+def send(spec: RolloutSpec, subject: str, text: str, context: Context, what: str) -> None:
+    """``text`` to every channel of the spec; a channel that fails is logged, never raised."""
+    n = spec.notifications
+    if n.slack is not None:
+        slack = n.slack.conn_id
+        _guarded("Slack", what, lambda: _slack(slack, text, context))
+    if n.email is not None:
+        email = n.email
+        _guarded("e-mail", what, lambda: _email(email.conn_id, email.to, email.from_email, subject, text, context))
+
+
+def _guarded(channel: str, what: str, call: Any) -> None:
+    try:
+        call()
+    except Exception:  # a notification must never change the rollout's outcome
+        log.exception("mlcanary: the %s notification about %s could not be sent", channel, what)
 
 
 def _slack(conn_id: str, text: str, context: Context) -> None:

@@ -1,4 +1,12 @@
-"""Operators of a rollout DAG. Each maps one task to one call of the core library."""
+"""Operators of a rollout DAG. Each maps one task to the core: a step of :mod:`mlcanary.rollout`, or
+the :class:`~mlcanary.lifecycle.Next` step the state machine chose, turned into return, defer,
+skip or fail.
+
+- A task of a rollout that ended, or lost its lock, changes nothing: it is skipped, and says why.
+- A task of a rollout that is rolling back (or waits for a person) fails: the DAG goes no further.
+- ``rollback`` and ``report`` are teardown tasks: they run however the run ends (failed, marked
+  failed or success), and ``rollback`` needs nothing but the router (the versions come in XCom).
+"""
 
 from __future__ import annotations
 
@@ -13,19 +21,22 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from sqlalchemy.engine import Engine
 
 from mlcanary import registry
-from mlcanary import rollout as lifecycle
-from mlcanary.analysis import AnalysisResult, AnalysisWindow, analyze
+from mlcanary import rollout as steps
+from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.audit import last_decision, record_checks, record_decision
+from mlcanary.lifecycle import Action, Next, Status, Step, after_look, describe, refusal
 from mlcanary.mlflow_alias import promote_alias
 from mlcanary.report import format_report, rollout_report
-from mlcanary.rollout import Rollout, RolloutError
 from mlcanary.routers.base import Router
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import Verdict
 from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import create_schema
+from mlcanary_airflow import snapshots
 from mlcanary_airflow.hooks import WarehouseHook, mlflow_client, router_for
 from mlcanary_airflow.triggers import LookAgainTrigger
+
+BEGIN = "validate_and_lock"  # its XCom is the rollout's RolloutRef: what a rollback needs
 
 
 def rollout_id_of(context: Context) -> str:
@@ -50,45 +61,83 @@ class RolloutTaskMixin:
     def router(self) -> Router:
         return router_for(self.spec)
 
-    def rollout(self, context: Context) -> Rollout:
+    def ref(self, context: Context) -> steps.RolloutRef:
+        """The rollout's names and versions, from the start task's XCom: no warehouse needed."""
+        started = context["ti"].xcom_pull(task_ids=BEGIN)
+        if not started:
+            raise AirflowSkipException("this run never started a rollout (see validate_and_lock)")
+        return steps.RolloutRef.from_dict(started)
+
+    def rollout(self, context: Context, action: Action = Action.LOOK) -> steps.Rollout:
+        """The rollout's row, if it may still take ``action``: skip when it ended, fail when it may not."""
         with self.engine.connect() as conn:
-            found = lifecycle.get_rollout(conn, rollout_id_of(context))
+            found = steps.get_rollout(conn, rollout_id_of(context))
         if found is None:
             raise AirflowSkipException("this run never started a rollout (see validate_and_lock)")
+        why = refusal(found.status, found.holds_lock, action)
+        if why:
+            self.refuse(found, why)
         return found
 
-    def decide(
-        self, rollout: Rollout, action: str, reason: str, stage: int | None, verdict: Verdict | None = None
-    ) -> None:
-        """Record a decision about this rollout in the audit table."""
-        record_decision(
-            self.engine,
-            rollout_id=rollout.rollout_id,
-            model=self.spec.model,
-            stage=stage,
-            action=action,
-            verdict=verdict,
-            reason=reason,
-        )
+    def refuse(self, rollout: steps.Rollout | None, why: str) -> None:
+        """Nothing changes: skip if the rollout ended (a cleared task of a finished run), else fail."""
+        self.log.warning("mlcanary: %s", why)
+        if rollout is None or not rollout.holds_lock or rollout.status.ended:
+            raise AirflowSkipException(f"{why}; nothing was changed")
+        raise AirflowFailException(f"{why} ({rollout.reason or rollout.status}); nothing was changed")
 
-    def roll_back_now(self, rollout: Rollout, reason: str) -> None:
-        """Canary to 0 % from the task that saw the breach, before it fails: no waiting for the
-        DAG's failure cascade to reach the ``rollback`` task. That task still runs (with retries)
-        and finds the split already in force; if this attempt fails, it does the work."""
+    def decide(
+        self,
+        rollout: steps.RolloutRef,
+        action: str,
+        reason: str,
+        stage: int | None,
+        verdict: Verdict | None = None,
+        key: str | None = None,
+    ) -> None:
+        """Record a decision in the audit table (once, with a ``key``)."""
+        with self.engine.begin() as conn:
+            record_decision(
+                conn,
+                rollout_id=rollout.rollout_id,
+                model=self.spec.model,
+                stage=stage,
+                action=action,
+                verdict=verdict,
+                reason=reason,
+                key=key,
+            )
+
+    def roll_back_now(self, ref: steps.RolloutRef, reason: str) -> None:
+        """Canary to 0 % from the task that decided it, before it fails: no waiting for the failure
+        cascade. The ``rollback`` teardown still runs (with retries) and finishes what this began."""
         try:
-            lifecycle.rollback(self.engine, self.router, self.spec, rollout, reason)
-        except Exception as exc:  # the rollback task retries; the original failure must still be raised
-            self.log.error("immediate rollback failed, the rollback task will retry it: %s", exc)
+            done = steps.rollback(self.engine, self.router, self.spec, ref, reason)
+        except steps.StepRefused as why:
+            self.log.warning("mlcanary: no rollback needed: %s", why)
+        except Exception as exc:  # the rollback task retries; the decision must still be raised
+            self.log.error("mlcanary: immediate rollback failed, the rollback task retries it: %s", exc)
+        else:
+            self.log.warning("mlcanary: rolled back: %s (%s)", reason, done.records.note)
+
+    def stop(self, ref: steps.RolloutRef, nxt: Next) -> None:
+        """The state machine said roll back: do it now, then fail this task (no retries)."""
+        self.roll_back_now(ref, nxt.reason)
+        raise AirflowFailException(nxt.reason)
 
 
 class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
-    """Validate the trigger's versions and take the model's lock; nothing else touches traffic first."""
+    """Check the trigger's versions against what the router reports, take the model's lock, and
+    keep the spec this rollout runs on. Nothing touches traffic before stage 1."""
 
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, spec: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, *, spec: dict[str, Any], snapshot_dir: str, **kwargs: Any) -> None:
+        kwargs.setdefault("retries", 2)  # reading the router may fail for a moment
+        kwargs.setdefault("retry_delay", timedelta(seconds=5))
         super().__init__(**kwargs)
         self.spec_data = spec
+        self.snapshot_dir = snapshot_dir
 
     def execute(self, context: Context) -> dict[str, Any]:
         params = context["params"]
@@ -104,7 +153,7 @@ class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
             candidate = found.version
             self.log.info("candidate %s from the registry (registered %s)", candidate, found.registered_at)
         try:
-            started = lifecycle.begin_rollout(
+            started = steps.begin_rollout(
                 self.engine,
                 self.router,
                 self.spec,
@@ -112,9 +161,18 @@ class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
                 candidate,
                 params.get("baseline_version") or None,
                 bool(params.get("dry_run")),
+                (params.get("force_reason") or "").strip() or None,
             )
-        except RolloutError as exc:
+        except steps.RolloutError as exc:
             raise AirflowFailException(str(exc)) from None
+        try:
+            snapshots.save(self.snapshot_dir, self.spec_data, started.rollout_id)
+        except OSError as exc:  # without it an edited spec could strand the rollout: do not start
+            steps.finish(self.engine, self.router, started.ref)
+            raise AirflowFailException(
+                f"cannot keep the spec this rollout runs on in {self.snapshot_dir} ({exc}): set "
+                "MLCANARY_SNAPSHOT_DIR to a folder the DAG processor and the workers share. No traffic was changed."
+            ) from None
         self.log.info(
             "rollout %s: %s → %s%s",
             started.rollout_id,
@@ -122,11 +180,11 @@ class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
             started.canary_version,
             " (dry run)" if started.dry_run else "",
         )
-        return {"baseline_version": started.baseline_version, "canary_version": started.canary_version}
+        return started.ref.to_dict()
 
 
 class ShiftTrafficOperator(RolloutTaskMixin, BaseOperator):
-    """Move the canary to the stage's share; idempotent, verified by reading the split back."""
+    """Move the canary to the stage's share: only this rollout's own split, idempotent, read back."""
 
     ui_color = "#fff4e5"
 
@@ -138,20 +196,19 @@ class ShiftTrafficOperator(RolloutTaskMixin, BaseOperator):
         self.stage = stage
 
     def execute(self, context: Context) -> float:
-        split = lifecycle.shift_to_stage(self.engine, self.router, self.spec, self.rollout(context), self.stage)
+        rollout = self.rollout(context, Action.SHIFT)
+        try:
+            split = steps.shift_to_stage(self.engine, self.router, self.spec, rollout.ref, self.stage)
+        except steps.StepRefused as why:
+            self.refuse(rollout, str(why))
         self.log.info("stage %d: canary %s at %g %%", self.stage, split.canary_version, split.canary_percent)
         return split.canary_percent
 
 
 class AnalysisOperator(RolloutTaskMixin, BaseOperator):
-    """Slow ML analysis of the label-complete window so far.
-
-    - FAIL stops the rollout once ``analysis.consecutive_fails`` looks in a row have failed; between
-      looks the task waits one analysis interval in the triggerer.
-    - INVALID (the arms' inputs drifted apart) with the policy ``rollback`` stops the rollout at any stage.
-    - At the last stage, with the policy ``extend``, an INCONCLUSIVE (or INVALID) result looks again
-      every interval until it is conclusive or ``policies.max_extension`` has passed.
-    """
+    """Slow ML analysis of the label-complete window so far, then the state machine's next step
+    (:func:`mlcanary.lifecycle.after_look`): proceed, look again after one analysis interval (a
+    confirmation of a FAIL, or an extension), or roll back."""
 
     ui_color = "#e6f4ea"
 
@@ -163,11 +220,16 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         self.stage = stage
         self.final = final
 
+    def policy(self, verdict: Verdict) -> str:
+        """The spec's policy for an INCONCLUSIVE or INVALID verdict."""
+        return self.spec.policies.for_verdict(invalid=verdict is Verdict.INVALID)
+
     def execute(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         state = event or {}  # what the previous look handed over (see LookAgainTrigger)
         first_look: float = state.get("first_look") or time.time()
         fails: int = state.get("fails", 0)
-        rollout = self.rollout(context)
+        look: int = state.get("look", 0) + 1
+        rollout = self.rollout(context, Action.LOOK)  # a rollout rolling back goes no further
         with self.engine.connect() as conn:
             window = AnalysisWindow.ending_at(self.spec, utcnow(), not_before=rollout.started_at)
             result = analyze(conn, self.spec, rollout.baseline_version, rollout.canary_version, window)
@@ -185,42 +247,30 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         for flag in result.flags:
             self.log.warning("stage %d: %s", self.stage, flag)
         a = self.spec.analysis
-
-        def decide(action: str, reason: str) -> None:
-            self.decide(rollout, action, reason, self.stage, result.verdict)
-
-        def look_again(fails: int = 0) -> None:
-            at = time.time() + a.interval.total_seconds()
-            self.defer(
-                trigger=LookAgainTrigger(at_epoch=at, state={"first_look": first_look, "fails": fails}),
-                method_name="execute",
-            )
-
-        if result.verdict is Verdict.FAIL:
-            if fails + 1 < a.consecutive_fails:
-                decide("confirm", f"failing look {fails + 1} of {a.consecutive_fails}: {result.reason}")
-                look_again(fails=fails + 1)
-            decide("rollback", f"analysis: {result.reason}")
-            self.roll_back_now(rollout, f"analysis: {result.reason}")
-            raise AirflowFailException(f"analysis FAIL: {result.reason}")
-        if result.verdict is Verdict.INVALID and self.policy(result.verdict) == "rollback":
-            decide("rollback", f"analysis: comparison invalid: {result.reason}")
-            self.roll_back_now(rollout, f"analysis: comparison invalid: {result.reason}")
-            raise AirflowFailException(f"analysis INVALID: {result.reason}")
-        if self._extend(result, first_look):
-            decide("extend", f"{result.verdict.value}, policy extend: looking again in {a.interval}: {result.reason}")
-            look_again()
+        nxt = after_look(
+            result.verdict,
+            result.reason,
+            final=self.final,
+            policy=self.policy(result.verdict),
+            fails=fails,
+            consecutive_fails=a.consecutive_fails,
+            waited=timedelta(seconds=time.time() - first_look),
+            interval=a.interval,
+            max_extension=self.spec.policies.max_extension,
+        )
+        match nxt.step:
+            case Step.ROLL_BACK:
+                self.stop(rollout.ref, nxt)
+            case Step.LOOK_AGAIN:
+                key = f"{nxt.action}:{self.task_id}:{look}"
+                self.decide(rollout, nxt.action, nxt.reason, self.stage, result.verdict, key=key)
+                confirmed = fails + 1 if nxt.action == "confirm" else 0
+                handover = {"first_look": first_look, "fails": confirmed, "look": look}
+                self.defer(
+                    trigger=LookAgainTrigger(at_epoch=time.time() + a.interval.total_seconds(), state=handover),
+                    method_name="execute",
+                )
         return {"verdict": result.verdict.value, "reason": result.reason, "flags": result.flags}
-
-    def policy(self, verdict: Verdict) -> str:
-        """The spec's policy for an INCONCLUSIVE or INVALID verdict."""
-        return self.spec.policies.for_verdict(invalid=verdict is Verdict.INVALID)
-
-    def _extend(self, result: AnalysisResult, first_look: float) -> bool:
-        if not self.final or result.verdict is Verdict.PASS:
-            return False
-        waited = time.time() - first_look + self.spec.analysis.interval.total_seconds()
-        return self.policy(result.verdict) == "extend" and waited <= self.spec.policies.max_extension.total_seconds()
 
 
 class ExtendOperator(AnalysisOperator, BranchMixIn):
@@ -237,15 +287,14 @@ class ExtendOperator(AnalysisOperator, BranchMixIn):
         return "extend"
 
     def execute(self, context: Context, event: dict[str, Any] | None = None) -> Any:
-        result = super().execute(context, event)  # defers between looks; raises on FAIL
+        result = super().execute(context, event)  # defers between looks; fails on FAIL
         if result["verdict"] == Verdict.PASS.value:
             return self.do_branch(context, self.promote_task_id)
-        rollout = self.rollout(context)
         reason = (
             f"extended analysis still {result['verdict']} after {self.spec.policies.max_extension}: {result['reason']}"
         )
-        self.decide(rollout, "rollback", reason, self.stage, Verdict(result["verdict"]))
-        return self.do_branch(context, None)  # skip the promotion: the rollback task acts
+        self.roll_back_now(self.ref(context), reason)
+        return self.do_branch(context, None)  # skip the promotion: the rollback is done
 
 
 class PromoteOperator(RolloutTaskMixin, BaseOperator):
@@ -258,14 +307,18 @@ class PromoteOperator(RolloutTaskMixin, BaseOperator):
         self.spec_data = spec
 
     def execute(self, context: Context) -> str:
-        rollout = self.rollout(context)
+        rollout = self.rollout(context, Action.FINISH)
         with self.engine.connect() as conn:
             decided = last_decision(conn, rollout.rollout_id, "promote_chosen")
         reason = decided.reason if decided else f"all {len(self.spec.stages)} stages healthy and final analysis PASS"
-        lifecycle.promote(self.engine, self.router, self.spec, rollout, reason)
+        if rollout.status is not Status.PROMOTED:  # a retry after the switch goes on with the registry steps
+            try:
+                steps.promote(self.engine, self.router, self.spec, rollout.ref, reason)
+            except steps.StepRefused as why:
+                self.refuse(rollout, str(why))
         self.log.info("promoted %s: it now serves 100 %% of %s", rollout.canary_version, self.spec.model)
         mlflow = self.spec.registry.mlflow
-        if mlflow is not None:
+        if mlflow is not None and not rollout.dry_run:
             previous = promote_alias(
                 mlflow_client(mlflow.conn_id),
                 mlflow.registered_model,
@@ -280,8 +333,12 @@ class PromoteOperator(RolloutTaskMixin, BaseOperator):
 
 
 class RollbackOperator(RolloutTaskMixin, BaseOperator):
-    """Canary to 0 % unless the candidate was promoted. It runs last, whatever happened upstream
-    (ALL_DONE): after a breach, a failed task, a decision to roll back, or a failed promotion."""
+    """Teardown: the canary to 0 % unless the candidate was promoted, however the run ended.
+
+    It calls the router first, with the versions from ``validate_and_lock``'s XCom, so it works when
+    the warehouse is down; its records follow, and if the warehouse stays down they are handed to
+    ``report`` in XCom. A rollout that ended (a cleared task of a finished run) changes nothing.
+    """
 
     ui_color = "#fce8e6"
 
@@ -292,54 +349,81 @@ class RollbackOperator(RolloutTaskMixin, BaseOperator):
         super().__init__(**kwargs)
         self.spec_data = spec
 
-    def execute(self, context: Context) -> str:
-        rollout = self.rollout(context)
-        if rollout.status == "promoted":
-            raise AirflowSkipException(f"{rollout.canary_version} was promoted: nothing to roll back")
-        with self.engine.connect() as conn:
-            decided = last_decision(conn, rollout.rollout_id, "rollback")
-        reason = decided.reason if decided else "an upstream task failed (see the Airflow run)"
-        if decided is None:
-            self.decide(rollout, "rollback", reason, rollout.stage_reached or None)
-        lifecycle.rollback(self.engine, self.router, self.spec, rollout, reason)
-        self.log.warning("rolled back %s to 0 %%: %s", rollout.canary_version, reason)
-        return reason
+    def execute(self, context: Context) -> dict[str, Any]:
+        ref = self.ref(context)
+        reason = self._reason(context, ref)
+        try:
+            done = steps.rollback(self.engine, self.router, self.spec, ref, reason)
+        except steps.StepRefused as why:
+            self.log.info("mlcanary: %s", why)
+            raise AirflowSkipException(f"{why}; nothing was changed") from None
+        self.log.warning("rolled back %s: %s (%s)", ref.canary_version, reason, done.records.note)
+        result = {"reason": done.records.reason, "split": describe(done.split), "recorded": done.recorded}
+        if not done.recorded:
+            self.log.error(
+                "mlcanary: the canary is at 0 %% (read back), but the records could not be written (%s); "
+                "report writes them when the warehouse answers",
+                done.record_error,
+            )
+            result["pending"] = done.records.to_dict()
+        return result
+
+    def _reason(self, context: Context, ref: steps.RolloutRef) -> str:
+        """The decision's reason if the warehouse has it, else what the run's task states say."""
+        try:
+            with self.engine.connect() as conn:
+                decided = last_decision(conn, ref.rollout_id, "rollback")
+            if decided is not None:
+                return str(decided.reason)
+        except Exception as exc:  # the warehouse is down: the rollback goes on without it
+            self.log.warning("mlcanary: the warehouse cannot be read (%s): rolling back on the router alone", exc)
+        try:
+            states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[context["run_id"]])
+            tasks = states.get(context["run_id"], {})
+        except Exception:  # dag.test() and older task runners: the generic reason will do
+            tasks = {}
+        failed = sorted(t for t, s in tasks.items() if s in ("failed", "upstream_failed") and t != self.task_id)
+        if failed:
+            return f"the run ended without promotion: {', '.join(failed)} failed (or the run was stopped)"
+        return "the run ended without promotion (it was stopped, or a task did not finish)"
 
 
 class ReportOperator(RolloutTaskMixin, BaseOperator):
-    """The last task, whatever happened: release the model's lock, log the report, and set the run's
-    outcome. The run succeeds only when the candidate was promoted; a rollback (or a rollout that
-    could not start) fails it, so Airflow's own alerting fires. No candidate at all skips cleanly.
+    """Teardown, last: write records the rollback could not, read the final split back and record it,
+    release the lock only if the split is what the outcome says, and set the run's outcome: success
+    only when the candidate was promoted. A split that is not safe keeps the lock (``rollback_failed``
+    or ``split_mismatch``), alerts every channel and fails the run.
     """
 
-    def __init__(self, *, spec: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, *, spec: dict[str, Any], snapshot_dir: str, **kwargs: Any) -> None:
+        kwargs.setdefault("retries", 3)  # the warehouse may be restarting
+        kwargs.setdefault("retry_delay", timedelta(seconds=10))
+        kwargs.setdefault("retry_exponential_backoff", 2.0)
         super().__init__(**kwargs)
         self.spec_data = spec
+        self.snapshot_dir = snapshot_dir
 
     def execute(self, context: Context) -> dict[str, Any]:
-        rollout_id = rollout_id_of(context)
+        from mlcanary_airflow.notifiers import alert
+
+        ref = self.ref(context)
+        pending = (context["ti"].xcom_pull(task_ids="rollback") or {}).get("pending")
+        if pending:
+            steps.record_rollback(self.engine, ref, steps.RollbackRecords.from_dict(pending))
+        ended = steps.finish(self.engine, self.router, ref)
+        if ended.released or not ended.rollout.holds_lock:
+            snapshots.remove(self.snapshot_dir, self.spec.name, ref.rollout_id)
         with self.engine.connect() as conn:
-            started = lifecycle.get_rollout(conn, rollout_id)
-        if started is None:
-            if not context["params"].get("candidate_version"):
-                raise AirflowSkipException("no candidate version: nothing was rolled out")
-            raise AirflowFailException("the rollout never started: see validate_and_lock")
-        ended = lifecycle.release(self.engine, rollout_id, "ended without promotion or rollback")
-        assert ended is not None
-        final = lifecycle.record_final_split(self.engine, self.router, ended)
-        expected = 100.0 if ended.status == "promoted" else 0.0
-        if not ended.dry_run and (final is None or final.share(ended.canary_version) != expected):
-            self.log.error(
-                "mlcanary: the split in force is not the one this rollout ended with (%s: canary at %g %%); "
-                "check the router: %s",
-                ended.status,
-                expected,
-                final,
+            report = rollout_report(conn, ref.rollout_id)
+        if report is not None:
+            self.log.info("\n%s", format_report(report))
+        status = ended.rollout.status
+        if ended.state.problem:
+            alert(self.spec, context, status.value, ended.state.problem, ref.rollout_id)
+            raise AirflowFailException(
+                f"{status}: {ended.state.problem}. The model stays locked: check the router, then "
+                f"`mlcanary abort --rollout {ref.rollout_id} --reason ...`"
             )
-        with self.engine.connect() as conn:
-            report = rollout_report(conn, rollout_id)
-        assert report is not None
-        self.log.info("\n%s", format_report(report))
-        if ended.status != "promoted":
-            raise AirflowFailException(f"{ended.status.replace('_', ' ')}: {ended.reason}")
-        return {"status": ended.status, "stage_reached": ended.stage_reached, "reason": ended.reason}
+        if status is not Status.PROMOTED:
+            raise AirflowFailException(f"{status.replace('_', ' ')}: {ended.rollout.reason}")
+        return {"status": status.value, "stage_reached": ended.rollout.stage_reached, "reason": ended.rollout.reason}

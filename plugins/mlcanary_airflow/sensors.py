@@ -7,8 +7,8 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
-from airflow.sdk.exceptions import AirflowFailException
 
+from mlcanary.lifecycle import Action, Step, after_guardrails
 from mlcanary_airflow.operators import RolloutTaskMixin
 from mlcanary_airflow.triggers import GuardrailTrigger
 
@@ -18,7 +18,8 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
 
     A breach, too long without data (policy ``fail``), failing metric sources, a deadline without a
     full healthy bake, or a trigger error: the canary goes to 0 % at once, then the task raises
-    ``AirflowFailException`` (no retries) and the DAG's ``rollback`` task confirms the rollback.
+    ``AirflowFailException`` (no retries) and the DAG's ``rollback`` teardown confirms the rollback.
+    A rollout that is no longer running is not watched again (its task is skipped or fails).
     """
 
     ui_color = "#fef7e0"
@@ -29,7 +30,7 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
         self.stage = stage
 
     def execute(self, context: Context) -> None:
-        rollout = self.rollout(context)
+        rollout = self.rollout(context, Action.LOOK)
         bake = self.spec.stages[self.stage - 1].bake.total_seconds()
         limit = bake + self.spec.guardrails.deadline_margin.total_seconds()
         self.defer(
@@ -49,17 +50,14 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         event = event or {"status": "error", "reason": "the trigger ended without an event"}
-        if event["status"] == "healthy":
-            self.log.info(
-                "stage %d healthy for %.0f s over %d polls: %s",
-                self.stage,
-                event["healthy_seconds"],
-                event["polls"],
-                event["reason"],
-            )
-            return {k: event[k] for k in ("status", "polls", "healthy_seconds", "reason")}
-        rollout = self.rollout(context)
-        reason = f"guardrails stage {self.stage} {event['status']}: {event['reason']}"
-        self.decide(rollout, "rollback", reason, self.stage)
-        self.roll_back_now(rollout, reason)
-        raise AirflowFailException(reason)
+        nxt = after_guardrails(event["status"], event["reason"], self.stage)
+        if nxt.step is Step.ROLL_BACK:
+            self.stop(self.ref(context), nxt)
+        self.log.info(
+            "stage %d healthy for %.0f s over %d polls: %s",
+            self.stage,
+            event["healthy_seconds"],
+            event["polls"],
+            event["reason"],
+        )
+        return {k: event[k] for k in ("status", "polls", "healthy_seconds", "reason")}

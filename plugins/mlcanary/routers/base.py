@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
@@ -15,10 +15,14 @@ class TrafficShiftError(RuntimeError):
 
 @dataclass(frozen=True)
 class Split:
+    """Who gets which share of a model's traffic. ``owner`` is the rollout that set the split, as the
+    platform records it (None: nobody, or the platform cannot say); it does not take part in ``==``."""
+
     model: str
     baseline_version: str
     canary_version: str | None
     canary_percent: float
+    owner: str | None = field(default=None, compare=False)
 
     def share(self, version: str) -> float:
         """The percentage of traffic ``version`` receives under this split."""
@@ -45,10 +49,12 @@ class Router(Protocol):
     """Applies traffic splits on a serving platform. Implementations must be idempotent."""
 
     def get_split(self, model: str) -> Split | None:
-        """The split currently in force, as the platform reports it (None if unknown)."""
+        """The split currently in force, as the platform reports it, with the rollout that set it
+        (None: the platform has no split for this model)."""
 
     def set_split(self, split: Split, rollout_id: str | None) -> None:
-        """Apply ``split``. Applying the split already in force changes nothing."""
+        """Apply ``split`` on behalf of ``rollout_id``, and record that rollout as its owner.
+        Applying the split already in force changes nothing."""
 
 
 T = TypeVar("T")

@@ -8,7 +8,10 @@ to the previously rolled-out one (the baseline). A split is one JSON merge patch
 - rollback: ``canaryTrafficPercent: 0``.
 
 The versions are kept in the annotations ``mlcanary.io/baseline-version`` and
-``mlcanary.io/canary-version``, so the split reads back whole.
+``mlcanary.io/canary-version``, and the rollout that set them in ``mlcanary.io/rollout``, so the split
+reads back whole, with its owner. An InferenceService mlcanary has not touched yet reads as its
+current model's version serving alone (from ``storageUri``, with ``storage_uri``), and nothing is
+patched before a rollout's first traffic step.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from mlcanary.versions import VersionNames
 
 GROUP, API_VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 BASELINE, CANARY = "mlcanary.io/baseline-version", "mlcanary.io/canary-version"
+OWNER = "mlcanary.io/rollout"  # the rollout that set the split
 
 
 def _transient(exc: BaseException) -> bool:
@@ -60,10 +64,11 @@ class KServeRouter:
         if baseline is None:
             return None
         canary = annotations.get(CANARY)
+        owner = annotations.get(OWNER) or None
         if not canary:
-            return Split(model, baseline, None, 0.0)
+            return Split(model, baseline, None, 0.0, owner)
         percent = predictor.get("canaryTrafficPercent")
-        return Split(model, baseline, canary, 100.0 if percent is None else float(percent))
+        return Split(model, baseline, canary, 100.0 if percent is None else float(percent), owner)
 
     def set_split(self, split: Split, rollout_id: str | None) -> None:
         canary = split.canary_version
@@ -74,9 +79,7 @@ class KServeRouter:
         if self.uris is not None:
             predictor["model"] = {"storageUri": self.uris.name(canary or split.baseline_version)}
         patch = {
-            "metadata": {
-                "annotations": {BASELINE: split.baseline_version, CANARY: canary, "mlcanary.io/rollout": rollout_id}
-            },
+            "metadata": {"annotations": {BASELINE: split.baseline_version, CANARY: canary, OWNER: rollout_id}},
             "spec": {"predictor": predictor},
         }
         with_retries(  # the client sends custom-object patches as application/merge-patch+json

@@ -3,7 +3,8 @@
 The endpoint and its variants exist (one per model version, named by ``variant_name``); a split
 sets the canary's weight to its percentage, the baseline's to the rest, and every other variant's to 0
 (``UpdateEndpointWeightsAndCapacities``), then waits for the endpoint to be ``InService`` again and
-reads the weights back.
+reads the weights back. The rollout that set the split is the endpoint's tag ``mlcanary:rollout``,
+written before the weights (so a step killed in between is still its own on the retry).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from mlcanary.routers.base import Split, TrafficShiftError, with_retries
 from mlcanary.versions import VersionNames
 
+OWNER_TAG = "mlcanary:rollout"
 _TRANSIENT_CODES = {"ThrottlingException", "ValidationException", "InternalFailure", "ServiceUnavailable"}
 
 
@@ -61,9 +63,20 @@ class SageMakerRouter:
                 )
             time.sleep(self.poll_seconds)
 
+    def _owner(self, arn: str) -> str | None:
+        tags = with_retries(
+            lambda: self.client.list_tags(ResourceArn=arn).get("Tags", []),
+            self.retries,
+            _transient,
+            f"ListTags {self.endpoint}",
+        )
+        owners = [t["Value"] for t in tags if t["Key"] == OWNER_TAG]
+        return owners[-1] if owners and owners[-1] else None  # AWS keeps one value per key; moto appends
+
     def get_split(self, model: str) -> Split | None:
         weights: dict[str, float] = {}
-        for variant in self._settled().get("ProductionVariants", []):
+        endpoint = self._settled()
+        for variant in endpoint.get("ProductionVariants", []):
             version = self.names.version(variant["VariantName"])
             current = variant.get("CurrentWeight")
             weight = float(variant.get("DesiredWeight") or 0.0) if current is None else float(current)
@@ -76,15 +89,25 @@ class SageMakerRouter:
         if len(ranked) > 2:
             raise TrafficShiftError(f"endpoint {self.endpoint} sends traffic to {len(ranked)} variants: {weights}")
         canary = ranked[1] if len(ranked) == 2 else None
-        return Split(model, ranked[0], canary, 100.0 * weights[canary] / total if canary else 0.0)
+        owner = self._owner(endpoint["EndpointArn"])
+        return Split(model, ranked[0], canary, 100.0 * weights[canary] / total if canary else 0.0, owner)
 
     def set_split(self, split: Split, rollout_id: str | None) -> None:
-        variants = [v["VariantName"] for v in self._settled().get("ProductionVariants", [])]
+        endpoint = self._settled()
+        variants = [v["VariantName"] for v in endpoint.get("ProductionVariants", [])]
         wanted = {self.names.name(v) for v in (split.baseline_version, split.canary_version) if v}
         if missing := wanted - set(variants):
             raise TrafficShiftError(
                 f"endpoint {self.endpoint} has no variant {', '.join(sorted(missing))} (it has {', '.join(variants)})"
             )
+        with_retries(
+            lambda: self.client.add_tags(
+                ResourceArn=endpoint["EndpointArn"], Tags=[{"Key": OWNER_TAG, "Value": rollout_id or ""}]
+            ),
+            self.retries,
+            _transient,
+            f"AddTags {self.endpoint}",
+        )
         desired = []
         for name in variants:
             version = self.names.version(name)

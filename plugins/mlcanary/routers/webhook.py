@@ -5,7 +5,10 @@ Protocol (the README's *Routers* section):
 - ``POST <url>`` with ``{"model", "baseline_version", "canary_version", "canary_percent", "rollout_id"}``
   applies the split; any 2xx is success. The ``Idempotency-Key`` header is the same for every retry
   of the same split, so the service can drop repeats.
-- ``GET <url>?model=<model>`` returns the split in force in the same shape (404: none yet).
+- ``GET <url>?model=<model>`` returns the split in force in the same shape, ``rollout_id`` included
+  (404: none yet). mlcanary changes only a split whose ``rollout_id`` says it set it (its first step
+  may start from the baseline serving alone), so a service that drops ``rollout_id`` stops every
+  rollout after its first step.
 - Every request carries ``X-Mlcanary-Timestamp`` (Unix seconds) and ``X-Mlcanary-Signature:
   sha256=<hex>``, the HMAC-SHA256 of ``"<timestamp>.<body>"`` under the shared secret (the body is
   empty for GET), so the service can reject forged or replayed requests.
@@ -86,6 +89,7 @@ class WebhookRouter:
                 str(data["baseline_version"]),
                 data.get("canary_version") or None,
                 float(data.get("canary_percent") or 0.0),
+                data.get("rollout_id") or None,
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise TrafficShiftError(f"GET {self.url} returned no split: {response.text[:200]!r} ({exc})") from None

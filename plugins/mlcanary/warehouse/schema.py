@@ -58,12 +58,14 @@ rollouts = sa.Table(
     sa.Column("baseline_version", _VERSION, nullable=False),
     sa.Column("canary_version", _VERSION, nullable=False),
     sa.Column("dry_run", sa.Boolean, nullable=False, default=False),
-    sa.Column("status", sa.String(20), nullable=False),  # running | promoted | rolled_back | failed
+    # running | rolling_back | rolled_back | promoted | rollback_failed | split_mismatch (mlcanary.lifecycle)
+    sa.Column("status", sa.String(20), nullable=False),
     sa.Column("stage_reached", sa.Integer, nullable=False, default=0),
     sa.Column("canary_percent", sa.Double, nullable=False, default=0.0),
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("ended_at", sa.DateTime),
     sa.Column("reason", sa.Text),
+    sa.Column("spec", sa.Text),  # the spec the rollout started with, as JSON: it runs on it to the end
     # The per-model lock: set while the rollout is active, NULL afterwards. UNIQUE admits many NULLs.
     sa.Column("active_model", sa.String(128), unique=True),
 )
@@ -127,10 +129,13 @@ decisions = sa.Table(
     sa.Column("rollout_id", sa.String(250), index=True),
     sa.Column("model", sa.String(128), nullable=False),
     sa.Column("stage", sa.Integer),
-    sa.Column("action", sa.String(20), nullable=False),  # advance | promote | rollback | extend
+    sa.Column("action", sa.String(20), nullable=False),  # start | advance | confirm | extend | ask | rollback | ...
     sa.Column("verdict", sa.String(16)),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("decided_at", sa.DateTime, nullable=False),
+    # Makes a decision idempotent: a retried task that decides the same thing again records nothing new.
+    sa.Column("decision_key", sa.String(80)),
+    sa.Index("ux_decisions_rollout_key", "rollout_id", "decision_key", unique=True),
 )
 
 
@@ -151,8 +156,38 @@ registry = sa.Table(
 def create_schema(engine: Engine, *, contract: bool = True) -> None:
     """Create the state and audit tables, and (``contract=True``) the default contract tables.
 
-    Idempotent: existing tables are left as they are.
+    Idempotent: existing tables are kept; columns and indexes that mlcanary's own tables gained
+    since they were created are added (all of them nullable, so old rows stay valid).
     """
     own = [rollouts, traffic_split, traffic_history, measurements, decisions, registry]
     tables = own + ([predictions, resource_metrics] if contract else [])
     metadata.create_all(engine, tables=tables, checkfirst=True)
+    _add_missing(engine, own)
+
+
+def _add_missing(engine: Engine, tables: list[sa.Table]) -> None:
+    inspector = sa.inspect(engine)
+    for table in tables:
+        schema = table.schema
+        present = {c["name"] for c in inspector.get_columns(table.name, schema=schema)}
+        missing = [c for c in table.columns if c.name not in present]
+        indexes = {i["name"] for i in inspector.get_indexes(table.name, schema=schema)}
+        if not missing and all(i.name in indexes for i in table.indexes):
+            continue
+        with engine.begin() as conn:
+            for column in missing:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(
+                    sa.text(f"ALTER TABLE {_quoted(engine, table)} ADD COLUMN {_q(engine, column.name)} {kind}")
+                )
+            for index in table.indexes:
+                if index.name not in indexes:
+                    index.create(conn, checkfirst=True)
+
+
+def _q(engine: Engine, name: str) -> str:
+    return engine.dialect.identifier_preparer.quote(name)
+
+
+def _quoted(engine: Engine, table: sa.Table) -> str:
+    return engine.dialect.identifier_preparer.format_table(table)
