@@ -58,10 +58,11 @@ def test_parsing_touches_no_database_or_network(monkeypatch: pytest.MonkeyPatch)
     assert len(dags) == len(list((ROOT / "include/rollouts").glob("*.yaml")))
 
 
-def test_trigger_form_asks_for_candidate_baseline_and_dry_run() -> None:
+def test_trigger_form_asks_for_candidate_baseline_dry_run_and_a_force_reason() -> None:
     dag = build_dag(load_spec(ROOT / "include/rollouts/feed_ranker.yaml"))
     params = dag.params
-    assert list(params.keys()) == ["candidate_version", "baseline_version", "dry_run"]
+    assert list(params.keys()) == ["candidate_version", "baseline_version", "dry_run", "force_reason"]
+    assert params["force_reason"] is None  # nothing forced unless asked
     schema = params.get_param("candidate_version").schema
     assert schema["type"] == "string" and schema["pattern"]
     good = ParamsDict({**params.dump(), "candidate_version": "v7"})
@@ -83,14 +84,18 @@ def test_dag_shape_and_rollback_wiring() -> None:
     assert dag.task_dict["stage_1.analysis"].downstream_task_ids == {"stage_2.shift_traffic", "rollback"}
     assert dag.task_dict["decide"].downstream_task_ids == {"promote"}  # a branch: it may skip its children
     rollback = dag.task_dict["rollback"]
-    assert rollback.trigger_rule == TriggerRule.ALL_DONE
+    # Teardowns of validate_and_lock: Airflow runs them however the run ends (marking it failed or
+    # success skips every other pending task, never a teardown), once the start took the lock.
+    assert rollback.is_teardown and rollback.trigger_rule == TriggerRule.ALL_DONE_SETUP_SUCCESS
     # Every stage task and the promotion lead straight to the rollback; the branching decision does
     # not (skipping it would leave nothing to roll back with), the rollback waits for it through promote.
     stage_tasks = {t for t in ids if t.startswith("stage_")}
     assert rollback.upstream_task_ids == stage_tasks | {"validate_and_lock", "promote"}
     report = dag.task_dict["report"]
-    assert report.upstream_task_ids == {"rollback"} and not report.downstream_task_ids
-    assert report.trigger_rule == TriggerRule.ALL_DONE
+    assert report.upstream_task_ids == {"rollback", "validate_and_lock"} and not report.downstream_task_ids
+    assert report.is_teardown and report.trigger_rule == TriggerRule.ALL_DONE_SETUP_SUCCESS
+    assert report.on_failure_fail_dagrun  # a rollback fails the run, so Airflow's alerting fires
+    assert dag.task_dict["validate_and_lock"].is_setup
     assert not {"approve_final_stage", "extend"} & ids  # not asked for by this spec
 
 

@@ -15,6 +15,7 @@ from moto import mock_aws
 from conftest import base_spec
 from local_servers import Service, kube_api, serve, traffic_service
 from mlcanary import rollout as lifecycle
+from mlcanary.lifecycle import Status
 from mlcanary.routers.base import Split, TrafficShiftError
 from mlcanary.routers.kserve import BASELINE, CANARY
 from mlcanary.routers.webhook import WebhookRouter
@@ -54,19 +55,21 @@ def test_webhook_round_trip_is_signed_and_idempotent(
     router = router_for(spec)
     assert isinstance(router, WebhookRouter) and router.get_split(spec.model) is None
     r = lifecycle.begin_rollout(engine, router, spec, "dag/run", "v2", "v1")
+    assert [q.method for q in traffic.requests] == ["GET", "GET"]  # the start reads, it never writes
     lifecycle.shift_to_stage(engine, router, spec, r, 1)
     lifecycle.shift_to_stage(engine, router, spec, r, 1)  # an Airflow retry of the same step: no new POST
     assert router.get_split(spec.model) == Split(spec.model, "v1", "v2", 10.0)
+    assert router.get_split(spec.model).owner == "dag/run"  # the service echoes who set it
     posts = [q for q in traffic.requests if q.method == "POST"]
-    assert len(posts) == 2 and traffic.state["applied"] == 2  # the first split, then 10 %
-    assert posts[1].json() == {
+    assert len(posts) == 1 and traffic.state["applied"] == 1
+    assert posts[0].json() == {
         "model": spec.model,
         "baseline_version": "v1",
         "canary_version": "v2",
         "canary_percent": 10.0,
         "rollout_id": "dag/run",
     }
-    assert posts[1].headers["X-Mlcanary-Signature"].startswith("sha256=")
+    assert posts[0].headers["X-Mlcanary-Signature"].startswith("sha256=")
     lifecycle.promote(engine, router, spec, r, "ok")
     assert router.get_split(spec.model) == Split(spec.model, "v2", None, 0.0)
 
@@ -213,7 +216,7 @@ def test_kserve_canary_percent_promotion_and_rollback(kserve: tuple[Service, dic
     assert "canaryTrafficPercent" not in predictor  # promotion removes the field: the latest revision takes all
     assert objects[ISVC]["metadata"]["annotations"] == {BASELINE: "v2", "mlcanary.io/rollout": "dag/run"}
     assert router.get_split(spec.model) == Split(spec.model, "v2", None, 0.0)
-    lifecycle.release(engine, "dag/run", "done")
+    assert lifecycle.finish(engine, router, r).released
     r3 = lifecycle.begin_rollout(engine, router, spec, "dag/run-3", "v3")
     lifecycle.shift_to_stage(engine, router, spec, r3, 2)
     lifecycle.rollback(engine, router, spec, r3, "analysis FAIL")
@@ -234,3 +237,57 @@ def test_kserve_refuses_fractions_and_reports_auth_errors(
     )
     with pytest.raises(TrafficShiftError, match="Unauthorized"):
         router_for(spec).get_split(spec.model)
+
+
+# --- ownership: each platform's split is changed only by the rollout that set it ------------------
+
+
+def test_webhook_steps_are_compare_and_set_on_the_owner(traffic: Service, engine: sa.Engine) -> None:
+    spec = _spec(kind="webhook")
+    router = WebhookRouter(traffic.url, SECRET, timeout=2, retries=1)
+    router.set_split(Split(spec.model, "v1", None, 0.0), None)
+    r = lifecycle.begin_rollout(engine, router, spec, "dag/run", "v2")
+    lifecycle.shift_to_stage(engine, router, spec, r, 1)
+    router.set_split(Split(spec.model, "v1", "v2", 50.0), "rollout__other/run")  # another run took it over
+    posts = len([q for q in traffic.requests if q.method == "POST"])
+    with pytest.raises(lifecycle.StepRefused, match=r"v1 50 %, v2 50 % \(set by rollout__other/run\)"):
+        lifecycle.shift_to_stage(engine, router, spec, r, 2)
+    with pytest.raises(lifecycle.StepRefused, match="which this rollout did not set"):
+        lifecycle.rollback(engine, router, spec, r, "breach")
+    assert len([q for q in traffic.requests if q.method == "POST"]) == posts  # nothing was written
+    assert router.get_split(spec.model) == Split(spec.model, "v1", "v2", 50.0)
+
+
+def test_sagemaker_records_the_owner_in_a_tag_and_respects_it(sagemaker: object, engine: sa.Engine) -> None:
+    spec = _spec(kind="sagemaker", endpoint_name="ranker", variant_name="ranker-{version}")
+    router = router_for(spec)
+    r = lifecycle.begin_rollout(engine, router, spec, "rollout__unit_ranker/manual__2026-12-01T10:00:00+00:00", "v2")
+    lifecycle.shift_to_stage(engine, router, spec, r, 1)
+    assert router.get_split(spec.model).owner == r.rollout_id
+    router.set_split(Split(spec.model, "v1", "v2", 50.0), "rollout__other/run")
+    with pytest.raises(lifecycle.StepRefused, match="which this rollout did not set"):
+        lifecycle.shift_to_stage(engine, router, spec, r, 2)
+    assert _weights(sagemaker) == {"ranker-v1": 50.0, "ranker-v2": 50.0, "ranker-v3": 0.0}
+
+
+def test_kserve_deploys_nothing_before_stage_1_and_checks_the_typed_baseline(
+    kserve: tuple[Service, dict], engine: sa.Engine
+) -> None:
+    """The first rollout of an InferenceService mlcanary never touched: its storageUri names the
+    serving version; a baseline typed wrong is refused, and the start patches nothing."""
+    service, objects = kserve
+    spec = _spec(kind="kserve", namespace="ml", inference_service="ranker", storage_uri="s3://models/ranker/{version}")
+    router = router_for(spec)
+    with pytest.raises(lifecycle.RolloutError, match="baseline v0 was asked for, but the router reports v1 serving"):
+        lifecycle.begin_rollout(engine, router, spec, "dag/run", "v2", "v0")
+    r = lifecycle.begin_rollout(engine, router, spec, "dag/run", "v2", "v1")
+    assert [q.method for q in service.requests if q.method == "PATCH"] == []  # nothing deployed by the start
+    assert objects[ISVC]["spec"]["predictor"]["model"]["storageUri"] == "s3://models/ranker/v1"
+    lifecycle.shift_to_stage(engine, router, spec, r, 1)
+    assert objects[ISVC]["metadata"]["annotations"]["mlcanary.io/rollout"] == "dag/run"
+    objects[ISVC]["metadata"]["annotations"]["mlcanary.io/rollout"] = "someone-else"  # edited by hand
+    with pytest.raises(lifecycle.StepRefused, match="which this rollout did not set"):
+        lifecycle.shift_to_stage(engine, router, spec, r, 2)
+    assert objects[ISVC]["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    with engine.connect() as conn:
+        assert lifecycle.get_rollout(conn, "dag/run").status is Status.RUNNING

@@ -59,7 +59,7 @@ ALLOWED: dict[Status, frozenset[Action]] = {
     Status.ROLLING_BACK: frozenset({Action.ROLL_BACK, Action.FINISH}),
     Status.ROLLBACK_FAILED: frozenset({Action.ROLL_BACK, Action.FINISH}),
     Status.SPLIT_MISMATCH: frozenset({Action.ROLL_BACK, Action.FINISH}),
-    Status.ROLLED_BACK: frozenset({Action.FINISH}),
+    Status.ROLLED_BACK: frozenset({Action.ROLL_BACK, Action.FINISH}),  # until released: confirm it, or redo it
     Status.PROMOTED: frozenset({Action.FINISH}),
     Status.FAILED: frozenset(),
 }

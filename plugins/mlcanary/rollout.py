@@ -570,8 +570,10 @@ def record_rollback(engine: Engine, ref: RolloutRef, records: RollbackRecords) -
 
 def _rollback_records_in(conn: Connection, ref: RolloutRef, records: RollbackRecords) -> None:
     row = get_rollout(conn, ref.rollout_id)
-    if row is None or row.status in (Status.ROLLED_BACK, Status.PROMOTED):
-        return  # written already (by an earlier attempt), or nothing to write
+    if row is None or row.status is Status.PROMOTED:
+        return
+    if row.status is Status.ROLLED_BACK and not records.applied:
+        return  # decided and recorded already: this was a confirmation
     done = datetime.fromisoformat(records.at)
     late = f" (recorded late: done at {done:%H:%M:%S} UTC)" if (utcnow() - done).total_seconds() > 5 else ""
     _history(
