@@ -1,73 +1,91 @@
-"""The notifier on its own: messages built from the audit tables, sent through Airflow's Slack-webhook
-notifier to a local stand-in; a failed rollback is announced loudly; a dead channel fails nothing."""
+"""The notifier on its own: messages built from the task's context alone (XCom and the exception),
+never from the warehouse, sent through Airflow's Slack-webhook notifier to a local stand-in; a
+failed rollback is announced loudly; a dead channel fails nothing."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from conftest import base_spec
-from local_servers import serve
-from mlcanary import rollout as lifecycle
-from mlcanary.audit import record_decision
-from mlcanary.routers.warehouse import WarehouseRouter
-from mlcanary.spec import parse_spec
+from local_servers import Service, serve
+from mlcanary.routers.base import TrafficShiftError
 from mlcanary_airflow.notifiers import RolloutNotifier
 
 RUN_ID = "manual__2026-11-27T10:00:00+00:00"
+ROLLOUT = f"rollout__unit_ranker/{RUN_ID}"
+STARTED = {
+    "rollout_id": ROLLOUT,
+    "model": "unit-ranker",
+    "baseline_version": "v1",
+    "canary_version": "v2",
+    "dry_run": False,
+}
 
 
-def _context(spec_name: str) -> dict:
-    return {"dag": SimpleNamespace(dag_id=f"rollout__{spec_name}"), "run_id": RUN_ID, "params": {}}
+class FakeTI:
+    """What a callback's ``ti`` answers: the XComs of the run."""
+
+    def __init__(self, task_id: str, xcoms: dict[str, Any]) -> None:
+        self.task_id, self.xcoms = task_id, xcoms
+
+    def xcom_pull(self, task_ids: str) -> Any:
+        return self.xcoms.get(task_ids)
+
+
+def _context(task_id: str, exception: Exception | None = None, **xcoms: Any) -> dict[str, Any]:
+    return {
+        "dag": SimpleNamespace(dag_id="rollout__unit_ranker"),
+        "run_id": RUN_ID,
+        "params": {"candidate_version": "v2"},
+        "ti": FakeTI(task_id, {"validate_and_lock": STARTED, **xcoms}),
+        "exception": exception,
+    }
 
 
 @pytest.fixture
-def rolled_out(engine: sa.Engine, sqlite_url: str) -> tuple[dict, str]:
-    """A rollout at stage 2 that the guardrails decided to roll back."""
-    data = base_spec(notifications={"slack": {"conn_id": "slack_test"}, "events": ["promote"]})
-    spec = parse_spec(data)
-    router = WarehouseRouter(engine)
-    r = lifecycle.begin_rollout(engine, router, spec, f"{spec.dag_id}/{RUN_ID}", "v2", "v1")
-    lifecycle.shift_to_stage(engine, router, spec, r, 2)
-    record_decision(
-        engine,
-        rollout_id=r.rollout_id,
-        model=spec.model,
-        stage=2,
-        action="rollback",
-        verdict=None,
-        reason="guardrails stage 2 breach: p99_latency_ms 424.2 ms >= 250.0 ms (n=1,225)",
-    )
-    return data, sqlite_url
-
-
-def test_a_failed_rollback_is_announced_even_when_not_subscribed(
-    rolled_out: tuple[dict, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    data, url = rolled_out
-    with serve(lambda service, request: (200, None)) as slack:
+def slack(monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+    # No warehouse connection exists at all: a message that read the warehouse would fail.
+    monkeypatch.delenv("AIRFLOW_CONN_MLCANARY_WAREHOUSE", raising=False)
+    with serve(lambda service, request: (200, None)) as service:
         monkeypatch.setenv(
-            "AIRFLOW_CONN_SLACK_TEST", json.dumps({"conn_type": "slackwebhook", "password": f"{slack.url}/hook"})
+            "AIRFLOW_CONN_SLACK_TEST", json.dumps({"conn_type": "slackwebhook", "password": f"{service.url}/hook"})
         )
-        RolloutNotifier(spec=data, event="rollback", warehouse_url=url).notify(_context(data["name"]))
-        assert slack.requests == []  # the spec subscribes to promotions only
-        RolloutNotifier(spec=data, event="rollback_failed", warehouse_url=url).notify(_context(data["name"]))
+        yield service
+
+
+def test_a_failed_rollback_is_announced_even_when_not_subscribed(slack: Service) -> None:
+    data = base_spec(notifications={"slack": {"conn_id": "slack_test"}, "events": ["promote"]})
+    RolloutNotifier(spec=data, event="rollback").notify(_context("rollback", rollback={"reason": "x", "split": "y"}))
+    assert slack.requests == []  # the spec subscribes to promotions only
+    error = TrafficShiftError("rollback: canary to 0 %: POST http://router failed after 4 attempts: HTTP 503")
+    RolloutNotifier(spec=data, event="rollback_failed").notify(_context("rollback", error))
     (sent,) = [q.json()["text"] for q in slack.requests]
     assert sent.startswith("mlcanary: ROLLBACK FAILED for unit-ranker v2 (baseline v1)")
-    assert "may still receive traffic (30 % last recorded)" in sent and "Act now" in sent
-    assert "Why it was rolled back: guardrails stage 2 breach: p99_latency_ms 424.2 ms" in sent
+    assert "the canary may still receive traffic. Act now" in sent
+    assert f"mlcanary abort --rollout {ROLLOUT} --reason" in sent
+    assert "What failed: rollback: canary to 0 %: POST http://router failed after 4 attempts: HTTP 503" in sent
     assert f"/dags/rollout__unit_ranker/runs/{RUN_ID}" in sent
 
 
-def test_a_dead_channel_is_logged_not_raised(
-    rolled_out: tuple[dict, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    data, url = rolled_out
+def test_a_rollback_is_announced_from_its_result(slack: Service) -> None:
+    data = base_spec(notifications={"slack": {"conn_id": "slack_test"}})
+    done = {"reason": "guardrails stage 2 breach: p99_latency_ms 424.2 ms >= 250.0 ms", "split": "v1 100 %, v2 0 %"}
+    RolloutNotifier(spec=data, event="rollback").notify(_context("rollback", rollback=done))
+    (sent,) = [q.json()["text"] for q in slack.requests]
+    assert sent.startswith("mlcanary: unit-ranker v2 (baseline v1) rolled back: the canary is at 0 %")
+    assert "(the router reports v1 100 %, v2 0 %)" in sent
+    assert "Why: guardrails stage 2 breach: p99_latency_ms 424.2 ms >= 250.0 ms" in sent
+
+
+def test_a_dead_channel_is_logged_not_raised(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    data = base_spec(notifications={"slack": {"conn_id": "slack_test"}})
     monkeypatch.setenv(
         "AIRFLOW_CONN_SLACK_TEST", json.dumps({"conn_type": "slackwebhook", "password": "http://127.0.0.1:9/hook"})
     )
-    RolloutNotifier(spec=data, event="rollback_failed", warehouse_url=url).notify(_context(data["name"]))
+    RolloutNotifier(spec=data, event="rollback_failed").notify(_context("rollback", RuntimeError("boom")))
     assert "the Slack notification about rollback_failed could not be sent" in caplog.text

@@ -151,7 +151,8 @@ def test_a_step_changes_only_its_own_split(engine: sa.Engine, spec: RolloutSpec)
         "REFUSED rollback: canary to 0 %: the router reports v1 50 %, v2 50 % (set by someone-else)"
     )
     router.set_split(Split(spec.model, "v1", "v9", 30.0), "someone-else")  # another canary: ours has no traffic
-    assert steps.rollback(engine, router, spec, r, "breach").records.note == "rollback: canary to 0 % (already in force)"
+    done = steps.rollback(engine, router, spec, r, "breach")
+    assert done.records.note == "rollback: canary to 0 % (already in force)"
     assert router.get_split(spec.model) == Split(spec.model, "v1", "v9", 30.0)  # not ours: untouched
 
 
@@ -193,7 +194,8 @@ def test_the_warehouse_router_writes_the_split_and_its_records_in_one_transactio
     r = steps.begin_rollout(engine, router, spec, "r", "v2")
     with engine.begin() as conn:  # a real fault: the history table refuses writes
         conn.exec_driver_sql(
-            "CREATE TRIGGER refuse BEFORE INSERT ON mlcanary_traffic_history BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            "CREATE TRIGGER refuse BEFORE INSERT ON mlcanary_traffic_history "
+            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
         )
     with pytest.raises(sa.exc.IntegrityError, match="disk full"):
         steps.shift_to_stage(engine, router, spec, r, 1)

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -267,7 +267,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+Commands = Any  # argparse's sub-parsers action, which has no public type
+
+
+def build_parser(extend: Callable[[Commands], None] | None = None) -> argparse.ArgumentParser:
+    """The command line; ``extend`` adds commands of a higher layer (``status``, ``abort``)."""
     parser = argparse.ArgumentParser(
         prog="mlcanary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -362,11 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create the warehouse tables (idempotent)")
     _warehouse(p)
     p.set_defaults(func=cmd_init)
+    if extend is not None:
+        extend(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, extend: Callable[[Commands], None] | None = None) -> int:
+    parser = build_parser(extend)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

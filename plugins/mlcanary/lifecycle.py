@@ -185,6 +185,20 @@ def final_state(status: Status, split: Split | None, read_error: str | None, can
     return FinalState(Status.ROLLBACK_FAILED, False, f"the canary still has traffic: {_describe(split)}")
 
 
+def stale_reason(status: Status, run_state: str | None) -> str | None:
+    """Why a rollout holding its lock must be finished by someone other than its own run (None: it
+    need not). ``run_state`` is its Airflow run's state, None when the run is gone (deleted).
+
+    A rollout whose run is queued or running is its own run's to finish; one that waits for a person
+    (``rollback_failed``, ``split_mismatch``) was announced already and is left for ``mlcanary abort``.
+    """
+    if status.needs_a_person or run_state in ("queued", "running"):
+        return None
+    if run_state is None:
+        return "its Airflow run was deleted before the rollout finished"
+    return f"its Airflow run ended ({run_state}) before the rollout finished"
+
+
 # --- the next step after each piece of evidence ------------------------------------------------
 
 

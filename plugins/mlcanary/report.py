@@ -94,3 +94,27 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("Not passing:")
         lines += [f"  stage {x['stage']} {x['tier']} {x['verdict']}: {x['reason']}" for x in report["not_passing"]]
     return "\n".join(lines)
+
+
+def last_checks(conn: Connection, rollout_id: str) -> dict[str, dict[str, Any]]:
+    """Per tier, the newest look's time, its verdict counts and the reasons of its checks that did not pass."""
+    m = measurements.c
+    out: dict[str, dict[str, Any]] = {}
+    for tier in ("guardrail", "analysis"):
+        at = conn.execute(
+            sa.select(sa.func.max(m.measured_at)).where(m.rollout_id == rollout_id, m.tier == tier)
+        ).scalar()
+        if at is None:
+            continue
+        rows = conn.execute(
+            sa.select(m.verdict, m.reason).where(m.rollout_id == rollout_id, m.tier == tier, m.measured_at == at)
+        ).all()
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row.verdict] = counts.get(row.verdict, 0) + 1
+        out[tier] = {
+            "at": _iso(at),
+            "verdicts": counts,
+            "not_passing": [r.reason for r in rows if r.verdict != "PASS"][:3],
+        }
+    return out

@@ -691,9 +691,12 @@ def finish(engine: Engine, router: Router, ref: RolloutRef) -> Finish:
     return Finish(ended, split, state, released=state.safe)
 
 
-def abort(engine: Engine, router: Router, spec: RolloutSpec, rollout_id: str, reason: str, by: str) -> Finish:
-    """A person stops a rollout: roll the canary back (unless it was promoted), record who and why,
-    and release the lock once the split is known to be safe."""
+def abort(
+    engine: Engine, router: Router, spec: RolloutSpec, rollout_id: str, reason: str, by: str, key: str | None = None
+) -> Finish:
+    """Stop a rollout from outside its run (a person, or the watchdog): roll the canary back unless it
+    was promoted, record who and why (once per ``key``, if given), and release the lock once the split
+    is known to be safe."""
     with engine.connect() as conn:
         row = get_rollout(conn, rollout_id)
     if row is None:
@@ -702,7 +705,7 @@ def abort(engine: Engine, router: Router, spec: RolloutSpec, rollout_id: str, re
         raise RolloutError(f"{rollout_id} is {row.status} and holds no lock: there is nothing to abort")
     why = f"aborted by {by}: {reason}"
     with engine.begin() as conn:
-        _decider(conn, rollout_id, row.model)("abort", why, stage=row.stage_reached or None)
+        _decider(conn, rollout_id, row.model)("abort", why, stage=row.stage_reached or None, key=key)
     if row.status is not Status.PROMOTED:
         try:
             done = rollback(engine, router, spec, row.ref, why)

@@ -83,7 +83,10 @@ def _params(spec: RolloutSpec) -> dict[str, Param]:
     }
 
 
-def build_dag(spec: RolloutSpec, source: str | Path = "", snapshot_dir: str | Path = "") -> DAG:
+def build_dag(
+    spec: RolloutSpec, source: str | Path = "", snapshot_dir: str | Path = "", built_from: str | None = None
+) -> DAG:
+    """The rollout DAG of ``spec``; ``built_from`` names the running rollout whose snapshot it comes from."""
     data = spec.model_dump(mode="json", by_alias=True)
     snapshot_dir = str(snapshot_dir or snapshots.snapshot_dir(Path(source).parent if source else "."))
     doc = (
@@ -107,7 +110,9 @@ def build_dag(spec: RolloutSpec, source: str | Path = "", snapshot_dir: str | Pa
         def notify(event: str) -> list[RolloutNotifier]:
             return [RolloutNotifier(spec=data, event=event)] if spec.notifications.channels else []
 
-        begin = BeginRolloutOperator(task_id="validate_and_lock", spec=data, snapshot_dir=snapshot_dir)
+        begin = BeginRolloutOperator(
+            task_id="validate_and_lock", spec=data, snapshot_dir=snapshot_dir, built_from=built_from
+        )
         previous: Any = begin
         stage_tasks = []
         final_analysis = None
@@ -178,7 +183,7 @@ def build_dags(spec_dir: str | Path) -> dict[str, DAG]:
     running, unreadable = snapshots.load_all(snapshot_dir)
     for problem in unreadable:
         _warn(f"mlcanary: {problem}")
-    chosen: dict[str, tuple[str, RolloutSpec]] = {spec.name: (str(path), spec) for path, spec in specs}
+    chosen: dict[str, tuple[str, RolloutSpec, str | None]] = {s.name: (str(p), s, None) for p, s in specs}
     for snap in running:
         try:
             stored = parse_spec(snap.spec, str(snap.path))
@@ -192,14 +197,14 @@ def build_dags(spec_dir: str | Path) -> dict[str, DAG]:
                 f"mlcanary: the spec of {stored.dag_id} {state} while rollout {snap.rollout_id} runs: "
                 f"its DAG is built from the spec that rollout started with ({snap.path}) until it ends"
             )
-        chosen[stored.name] = (str(snap.path), stored)
+        chosen[stored.name] = (str(snap.path), stored, snap.rollout_id)
     wanted = get_parsing_context().dag_id  # a worker builds only the DAG it runs
     dags: dict[str, DAG] = {}
-    for source, spec in chosen.values():
+    for source, spec, built_from in chosen.values():
         if wanted is not None and wanted != spec.dag_id:
             continue
         try:
-            dags[spec.dag_id] = build_dag(spec, source, snapshot_dir)
+            dags[spec.dag_id] = build_dag(spec, source, snapshot_dir, built_from)
         except Exception as exc:  # one spec must never take the other rollouts' DAGs down
             _report(SpecError(source, [f"cannot build the DAG: {exc}"]))
     return dags

@@ -132,14 +132,19 @@ class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
 
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, spec: dict[str, Any], snapshot_dir: str, **kwargs: Any) -> None:
+    def __init__(
+        self, *, spec: dict[str, Any], snapshot_dir: str, built_from: str | None = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("retries", 2)  # reading the router may fail for a moment
         kwargs.setdefault("retry_delay", timedelta(seconds=5))
         super().__init__(**kwargs)
         self.spec_data = spec
         self.snapshot_dir = snapshot_dir
+        self.built_from = built_from  # the running rollout whose stored spec this DAG was built from
 
     def execute(self, context: Context) -> dict[str, Any]:
+        if self.built_from is not None and self.built_from != rollout_id_of(context):
+            self._stale_snapshot()
         params = context["params"]
         candidate = params.get("candidate_version")
         create_schema(self.engine, contract=False)
@@ -181,6 +186,20 @@ class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
             " (dry run)" if started.dry_run else "",
         )
         return started.ref.to_dict()
+
+    def _stale_snapshot(self) -> None:
+        """This DAG runs on the spec another rollout started with. While that rollout holds the lock the
+        start is refused anyway; once it ended, its snapshot is left over (its run was deleted): remove
+        it, so the next parse builds the DAG from the YAML again, and refuse this start."""
+        with self.engine.connect() as conn:
+            holder = steps.get_rollout(conn, self.built_from or "")
+        if holder is not None and holder.holds_lock:
+            return
+        snapshots.remove(self.snapshot_dir, self.spec.name, self.built_from)
+        raise AirflowFailException(
+            f"this DAG was built from the spec rollout {self.built_from} started with, and that rollout has ended: "
+            "its snapshot is removed now; trigger again once the DAG is parsed from the spec file (about a minute)"
+        )
 
 
 class ShiftTrafficOperator(RolloutTaskMixin, BaseOperator):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.schema import CreateIndex
 
 metadata = sa.MetaData()
 
@@ -166,28 +167,16 @@ def create_schema(engine: Engine, *, contract: bool = True) -> None:
 
 
 def _add_missing(engine: Engine, tables: list[sa.Table]) -> None:
-    inspector = sa.inspect(engine)
-    for table in tables:
-        schema = table.schema
-        present = {c["name"] for c in inspector.get_columns(table.name, schema=schema)}
-        missing = [c for c in table.columns if c.name not in present]
-        indexes = {i["name"] for i in inspector.get_indexes(table.name, schema=schema)}
-        if not missing and all(i.name in indexes for i in table.indexes):
-            continue
-        with engine.begin() as conn:
-            for column in missing:
-                kind = column.type.compile(dialect=engine.dialect)
-                conn.execute(
-                    sa.text(f"ALTER TABLE {_quoted(engine, table)} ADD COLUMN {_q(engine, column.name)} {kind}")
-                )
+    """Columns and indexes of mlcanary's own tables added since a table was created (any dialect:
+    the columns present are read off an empty SELECT, the indexes are created IF NOT EXISTS)."""
+    preparer = engine.dialect.identifier_preparer
+    with engine.begin() as conn:
+        for table in tables:
+            present = set(conn.execute(sa.select(sa.text("*")).select_from(table).limit(0)).keys())
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    name = preparer.quote(column.name)
+                    conn.execute(sa.text(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {name} {kind}"))
             for index in table.indexes:
-                if index.name not in indexes:
-                    index.create(conn, checkfirst=True)
-
-
-def _q(engine: Engine, name: str) -> str:
-    return engine.dialect.identifier_preparer.quote(name)
-
-
-def _quoted(engine: Engine, table: sa.Table) -> str:
-    return engine.dialect.identifier_preparer.format_table(table)
+                conn.execute(CreateIndex(index, if_not_exists=True))
