@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -512,6 +512,10 @@ def rollback(engine: Engine, router: Router, spec: RolloutSpec, ref: RolloutRef,
     note = "rollback: canary to 0 %"
     target = Split(ref.model, ref.baseline_version, ref.canary_version, 0.0)
     warehouse = None if unreachable else engine
+    if row is not None and row.status is Status.RUNNING:
+        # Decided before the router is called: a task killed during the call, then retried, finds
+        # the rollout rolling back and goes no further. Without the warehouse the router goes first.
+        _decide_rollback(warehouse, ref, reason)
     try:
         before = router.get_split(ref.model)
     except Exception as exc:
@@ -524,14 +528,11 @@ def rollback(engine: Engine, router: Router, spec: RolloutSpec, ref: RolloutRef,
         if warehouse is not None:
             _record_only(warehouse, ref, before, f"REFUSED {note}: {why}")
         raise StepRefused(why)
-    recorded = row.canary_percent if row is not None else None
     from_pct = _share(before, ref)
     if ref.dry_run:
         applied, note = False, f"{note} (dry run: not applied)"
-    elif from_pct == 0.0:
-        lost = recorded is not None and recorded > 0 and before is not None and before.owner == ref.rollout_id
-        applied, from_pct = (True, recorded) if lost else (False, from_pct)  # type: ignore[assignment]
-        note += " (applied by an earlier attempt, whose record was lost)" if lost else " (already in force)"
+    elif from_pct == 0.0:  # whether an earlier attempt did it is settled when the records are written
+        applied, note = False, f"{note} (already in force)"
     else:
         applied = True
         if warehouse is not None and isinstance(router, WarehouseRouter) and router.shares_database_with(warehouse):
@@ -574,6 +575,15 @@ def _rollback_records_in(conn: Connection, ref: RolloutRef, records: RollbackRec
         return
     if row.status is Status.ROLLED_BACK and not records.applied:
         return  # decided and recorded already: this was a confirmation
+    if not ref.dry_run and not records.applied and records.from_percent == 0.0 and row.canary_percent > 0:
+        # The canary had traffic as this rollout last recorded it, and none when this attempt looked:
+        # an earlier attempt of this rollout (killed, or without the warehouse) set it to 0 %.
+        records = replace(
+            records,
+            applied=True,
+            from_percent=row.canary_percent,
+            note=records.note.replace(" (already in force)", " (applied by an earlier attempt, whose record was lost)"),
+        )
     done = datetime.fromisoformat(records.at)
     late = f" (recorded late: done at {done:%H:%M:%S} UTC)" if (utcnow() - done).total_seconds() > 5 else ""
     _history(

@@ -20,7 +20,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from mlcanary.routers.base import Split
+from mlcanary.routers.base import Router, Split
 from mlcanary.routers.warehouse import WarehouseRouter
 from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import FEATURE_COLUMNS, predictions, resource_metrics
@@ -300,10 +300,12 @@ class LiveSimulator:
     Rows are written without labels; each label is written when its time comes.
     """
 
-    def __init__(self, engine: Engine, config: SimConfig, rate: float, tick: float = 1.0) -> None:
+    def __init__(
+        self, engine: Engine, config: SimConfig, rate: float, tick: float = 1.0, router: Router | None = None
+    ) -> None:
         self.engine, self.config, self.rate, self.tick = engine, config, rate, tick
         self.gen = TrafficGenerator(config)
-        self.router = WarehouseRouter(engine)
+        self.router = router or WarehouseRouter(engine)  # the serving layer follows this router's split
         self.stop_event = threading.Event()
         self.rows_written = 0
         self.labels_written = 0

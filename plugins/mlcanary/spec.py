@@ -398,6 +398,21 @@ class RegistrySpec(_Model):
     mlflow: MlflowSpec | None = None
 
 
+class TaskRetries(_Model):
+    """Airflow retries of the tasks that talk to the router (each request is retried by the router too)."""
+
+    traffic: Annotated[int, Field(ge=0, le=10)] = 3  # shift_traffic and promote
+    rollback: Annotated[int, Field(ge=1, le=20)] = 5  # the rollback teardown, waiting twice as long each time
+    delay: Duration = timedelta(seconds=5)  # before the first retry
+
+    @field_validator("delay")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError("must be longer than 0 s")
+        return value
+
+
 class RolloutSpec(_Model):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
     model: Annotated[str, Field(min_length=1, max_length=128)]
@@ -414,6 +429,7 @@ class RolloutSpec(_Model):
     approval: ApprovalSpec = ApprovalSpec()
     notifications: NotificationsSpec = NotificationsSpec()
     registry: RegistrySpec = RegistrySpec()
+    retries: TaskRetries = TaskRetries()
 
     @field_validator("stages")
     @classmethod

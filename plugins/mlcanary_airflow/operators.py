@@ -208,8 +208,9 @@ class ShiftTrafficOperator(RolloutTaskMixin, BaseOperator):
     ui_color = "#fff4e5"
 
     def __init__(self, *, spec: dict[str, Any], stage: int, **kwargs: Any) -> None:
-        kwargs.setdefault("retries", 3)
-        kwargs.setdefault("retry_delay", timedelta(seconds=5))
+        retries = RolloutSpec.model_validate(spec).retries
+        kwargs.setdefault("retries", retries.traffic)
+        kwargs.setdefault("retry_delay", retries.delay)
         super().__init__(**kwargs)
         self.spec_data = spec
         self.stage = stage
@@ -320,8 +321,9 @@ class PromoteOperator(RolloutTaskMixin, BaseOperator):
     ui_color = "#ceead6"
 
     def __init__(self, *, spec: dict[str, Any], **kwargs: Any) -> None:
-        kwargs.setdefault("retries", 3)
-        kwargs.setdefault("retry_delay", timedelta(seconds=5))
+        retries = RolloutSpec.model_validate(spec).retries
+        kwargs.setdefault("retries", retries.traffic)
+        kwargs.setdefault("retry_delay", retries.delay)
         super().__init__(**kwargs)
         self.spec_data = spec
 
@@ -362,8 +364,9 @@ class RollbackOperator(RolloutTaskMixin, BaseOperator):
     ui_color = "#fce8e6"
 
     def __init__(self, *, spec: dict[str, Any], **kwargs: Any) -> None:
-        kwargs.setdefault("retries", 5)
-        kwargs.setdefault("retry_delay", timedelta(seconds=5))
+        retries = RolloutSpec.model_validate(spec).retries
+        kwargs.setdefault("retries", retries.rollback)
+        kwargs.setdefault("retry_delay", retries.delay)
         kwargs.setdefault("retry_exponential_backoff", 2.0)
         super().__init__(**kwargs)
         self.spec_data = spec
@@ -416,7 +419,7 @@ class ReportOperator(RolloutTaskMixin, BaseOperator):
 
     def __init__(self, *, spec: dict[str, Any], snapshot_dir: str, **kwargs: Any) -> None:
         kwargs.setdefault("retries", 3)  # the warehouse may be restarting
-        kwargs.setdefault("retry_delay", timedelta(seconds=10))
+        kwargs.setdefault("retry_delay", 2 * RolloutSpec.model_validate(spec).retries.delay)
         kwargs.setdefault("retry_exponential_backoff", 2.0)
         super().__init__(**kwargs)
         self.spec_data = spec
