@@ -100,6 +100,7 @@ def test_stale_locks() -> None:
     assert "deleted" in str(stale_reason(Status.RUNNING, None))
     assert "ended (success)" in str(stale_reason(Status.RUNNING, "success"))
     assert stale_reason(Status.ROLLBACK_FAILED, None) is None  # waits for a person, announced already
+    assert stale_reason(Status.RUNNING, "DagRunState.RUNNING") is None  # a state it does not know: no action
 
 
 def test_guardrails_proceed_only_when_healthy() -> None:

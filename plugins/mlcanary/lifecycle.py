@@ -192,11 +192,13 @@ def stale_reason(status: Status, run_state: str | None) -> str | None:
     A rollout whose run is queued or running is its own run's to finish; one that waits for a person
     (``rollback_failed``, ``split_mismatch``) was announced already and is left for ``mlcanary abort``.
     """
-    if status.needs_a_person or run_state in ("queued", "running"):
+    if status.needs_a_person:
         return None
     if run_state is None:
         return "its Airflow run was deleted before the rollout finished"
-    return f"its Airflow run ended ({run_state}) before the rollout finished"
+    if run_state in ("success", "failed"):
+        return f"its Airflow run ended ({run_state}) before the rollout finished"
+    return None  # queued, running, or a state this version does not know: never act on a doubt
 
 
 # --- the next step after each piece of evidence ------------------------------------------------

@@ -51,7 +51,7 @@ def run_state(rollout_id: str) -> tuple[str | None, str | None]:
         dag_id, run_id = rollout_id.split("/", 1)
         with create_session() as session:
             state = session.scalar(sa.select(DagRun.state).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
-        return (None if state is None else str(state)), None
+        return (None if state is None else str(getattr(state, "value", state))), None
     except Exception as exc:  # the metadata database is down: say so, decide nothing
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 

@@ -35,7 +35,8 @@ def _run_state(context: Context, rollout_id: str) -> str | None:
     ti = context["ti"]
     if not ti.get_dr_count(dag_id=dag_id, run_ids=[run_id]):
         return None
-    return str(ti.get_dagrun_state(dag_id=dag_id, run_id=run_id))
+    state = ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)
+    return str(getattr(state, "value", state))  # a DagRunState, or its string
 
 
 class WatchdogOperator(BaseOperator):

@@ -1,0 +1,196 @@
+"""A real Airflow for the tests that need one: scheduler, DAG processor, triggerer and API server as
+separate processes (LocalExecutor), on free loopback ports, with an Airflow home and a metadata
+database of their own. Each component runs in a process group of its own; ``stop`` ends every one.
+
+Used where ``dag.test()`` cannot do what an operator does: clear a task of a finished run, mark a
+run failed or success from the REST API while a task waits, delete a DAG, kill a task's process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from conftest import ROOT
+
+BIN = Path(sys.executable).parent
+COMPONENTS = {
+    "api-server": ["api-server", "--host", "127.0.0.1", "--port", "{port}"],
+    "scheduler": ["scheduler"],
+    "dag-processor": ["dag-processor"],
+    "triggerer": ["triggerer"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class AirflowStack:
+    def __init__(self, home: Path, spec_dir: Path, extra_env: dict[str, str]) -> None:
+        self.home, self.spec_dir = home, spec_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLCANARY"))},
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "6",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex * 2,
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "3",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "MLCANARY_SPEC_DIR": str(spec_dir),
+            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+            **extra_env,
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.client: httpx.Client | None = None
+
+    # --- life --------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 240) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=self.env, check=True, capture_output=True)
+        for name, args in COMPONENTS.items():
+            log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+            self.procs[name] = subprocess.Popen(
+                [str(BIN / "airflow"), *(a.format(port=self.port) for a in args)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a process group of its own: stop() ends it with its children
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                health = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=3).json()
+                if all(
+                    health.get(c, {}).get("status") == "healthy" for c in ("metadatabase", "scheduler", "triggerer")
+                ):
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"Airflow did not come up in {timeout:.0f} s: see the logs in {self.home}")
+        token = httpx.get(f"{self.url}/auth/token", timeout=10).json()["access_token"]
+        self.client = httpx.Client(
+            base_url=f"{self.url}/api/v2", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.home / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"airflow {name} exited with {proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+        if self.client is not None:
+            self.client.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.home.glob("*.log"))
+
+    # --- the REST API ------------------------------------------------------------------------
+
+    @property
+    def api(self) -> httpx.Client:
+        assert self.client is not None, "start() first"
+        return self.client
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.api.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise AssertionError(f"{method} {path}: HTTP {response.status_code}: {response.text}")
+        return response.json() if response.content else None
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 120, every: float = 1.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            found = check()
+            if found:
+                return found
+            time.sleep(every)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    def wait_dag(self, dag_id: str, timeout: float = 120) -> None:
+        def parsed() -> bool:
+            response = self.api.get(f"/dags/{dag_id}")
+            return response.status_code == 200 and not response.json().get("is_paused")
+
+        self.wait_for(f"DAG {dag_id}", parsed, timeout)
+
+    def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
+        return str(
+            self.call("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})["dag_run_id"]
+        )
+
+    def run_state(self, dag_id: str, run_id: str) -> str | None:
+        response = self.api.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+        return None if response.status_code == 404 else str(response.json()["state"])
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 240) -> str:
+        return str(
+            self.wait_for(
+                f"run {dag_id}/{run_id} to end",
+                lambda: (s := self.run_state(dag_id, run_id)) in ("success", "failed") and s,
+                timeout,
+            )
+        )
+
+    def tasks(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        found = self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 100})
+        return {ti["task_id"]: ti for ti in found["task_instances"]}
+
+    def states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        return {task: ti["state"] for task, ti in self.tasks(dag_id, run_id).items()}
+
+    def wait_task(self, dag_id: str, run_id: str, task_id: str, states: tuple[str, ...], timeout: float = 180) -> dict:
+        def reached() -> dict | None:
+            ti = self.tasks(dag_id, run_id).get(task_id)
+            return ti if ti and ti["state"] in states else None
+
+        return dict(self.wait_for(f"{task_id} to be {'/'.join(states)}", reached, timeout))
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
+        found = self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}")
+        return json.dumps(found.get("content"))
