@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from mlcanary import rollout as steps
 from mlcanary.lifecycle import Status
 from mlcanary.routers.base import Split
 from mlcanary.routers.warehouse import WarehouseRouter
+from mlcanary.routers.webhook import WebhookRouter
 from mlcanary.simulator import Fault, LiveSimulator, SimConfig
 from mlcanary.warehouse.engine import make_engine
 from mlcanary.warehouse.schema import create_schema, decisions, traffic_history
@@ -70,8 +72,12 @@ SPECS = {
     "f_mark_success": _spec("f_mark_success", approval={"before_final_stage": True, "timeout": "30m"}),
     "f_delete": _spec("f_delete", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": "3s"}]),
     "f_stale": _spec("f_stale", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": "3s"}]),
-    "f_kill": _spec("f_kill", router={"kind": "webhook", "conn_id": "fault_router", "retries": 0}),
-    "f_edit": _spec("f_edit", stages=[{"percent": 20, "bake": "15s"}, {"percent": 50, "bake": "3s"}]),
+    "f_kill": _spec(
+        "f_kill",
+        router={"kind": "webhook", "conn_id": "fault_router", "retries": 0, "timeout": "60s"},
+        stages=[{"percent": 20, "bake": "6s"}, {"percent": 50, "bake": "3s"}],
+    ),
+    "f_edit": _spec("f_edit", stages=[{"percent": 20, "bake": "20s"}, {"percent": 50, "bake": "3s"}]),
 }
 
 
@@ -355,3 +361,61 @@ def test_clearing_tasks_of_an_ended_run_changes_no_traffic(stack: AirflowStack, 
     assert ran, "nothing of run A ran again"
     logs = "".join(stack.task_log(dag_id, run_a, t, ti["try_number"]) for t, ti in ran.items())
     assert "this run's rollout already ended (promoted" in logs or "no longer holds its model's lock" in logs
+
+
+def test_an_analysis_killed_after_its_fail_decision_does_not_bring_the_rollout_back(
+    stack: AirflowStack, warehouse_db: Path, hanging_router: Service
+) -> None:
+    """The analysis decides FAIL and calls the router, which hangs; its process is killed (SIGKILL).
+    Airflow retries the task: the retry must not look again and let the rollout go on."""
+    engine = make_engine(f"sqlite:///{warehouse_db}")
+    dag_id, model = "rollout__f_kill", "f-kill"
+    webhook = WebhookRouter(hanging_router.url, SECRET, timeout=60, retries=0)
+    webhook.set_split(Split(model, "v1", None, 0.0), None)
+    hanging_router.state.update(hang=15, hung=0)
+    with Traffic(engine, model, router=webhook, faults=("v2:ctr_drop=0.9",)):
+        run_id = stack.trigger(dag_id, {"candidate_version": "v2"})
+        stack.wait_for("the rollback call to hang", lambda: hanging_router.state["hung"] >= 1, 180)
+        analysis = stack.tasks(dag_id, run_id)["stage_1.analysis"]
+        assert analysis["state"] == "running" and analysis["pid"], analysis
+        os.kill(analysis["pid"], signal.SIGKILL)  # killed between the decision and the router's answer
+        hanging_router.state["hang"] = 0
+        assert stack.wait_run(dag_id, run_id) == "failed"
+    rollout_id = f"{dag_id}/{run_id}"
+    tis = stack.tasks(dag_id, run_id)
+    assert tis["stage_1.analysis"]["state"] == "failed" and tis["stage_1.analysis"]["try_number"] == 2
+    retry = stack.task_log(dag_id, run_id, "stage_1.analysis", 2)
+    assert "this rollout is rolling_back: it may not keep watching" in retry
+    assert tis["stage_2.shift_traffic"]["state"] == "upstream_failed"  # the rollout did not go on
+    assert tis["rollback"]["state"] == "success"
+    assert webhook.get_split(model) == Split(model, "v1", "v2", 0.0)
+    rollout = _rollout(engine, rollout_id)
+    assert rollout.status is Status.ROLLED_BACK and not rollout.holds_lock
+    rollbacks = [r for a, r in _decisions(engine, rollout_id) if a == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0].startswith("analysis: ctr fell")
+    assert not any(a == "advance" and "50 %" in r for a, r in _decisions(engine, rollout_id))
+
+
+def test_a_spec_broken_then_deleted_mid_rollout_does_not_strand_it(stack: AirflowStack, warehouse_db: Path) -> None:
+    engine = make_engine(f"sqlite:///{warehouse_db}")
+    dag_id, model = "rollout__f_edit", "f-edit"
+    router = _serving(engine, model)
+    path = stack.spec_dir / "f_edit.yaml"
+    with Traffic(engine, model):
+        run_id = stack.trigger(dag_id, {"candidate_version": "v2"})
+        stack.wait_task(dag_id, run_id, "stage_1.guardrails", ("deferred",))
+        path.write_text("name: f_edit\nstages: [{percent: 20, bake: 20s\n")  # a broken edit
+        time.sleep(8)  # the DAG processor parses the folder again (every 3-5 s here)
+        assert not stack.call("GET", f"/dags/{dag_id}")["is_stale"]  # still there: built from the snapshot
+        stack.wait_task(dag_id, run_id, "stage_2.shift_traffic", ("success",), 120)
+        path.unlink()  # and now deleted
+        final = stack.wait_run(dag_id, run_id)
+    states = stack.states(dag_id, run_id)
+    assert final == "success", states  # every remaining task ran, on the spec the rollout started with
+    assert states["stage_2.analysis"] == "success" and states["promote"] == "success"
+    assert states["report"] == "success" and states["rollback"] == "skipped"
+    assert router.get_split(model) == Split(model, "v2", None, 0.0)
+    rollout = _rollout(engine, f"{dag_id}/{run_id}")
+    assert rollout.status is Status.PROMOTED and not rollout.holds_lock
+    assert rollout.spec is not None and rollout.spec["stages"][0]["bake"] == "20s"
+    assert not (stack.spec_dir / ".running" / "f_edit.json").exists()  # the snapshot went with the lock
