@@ -185,3 +185,55 @@ def airflow_db() -> None:
 
     airflow = Path(sys.executable).parent / "airflow"
     subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True)
+
+
+class Inbox:
+    """A local SMTP server that keeps the messages it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        from email import message_from_bytes
+
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+@pytest.fixture
+def channels(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Inbox]]:
+    """A Slack incoming-webhook stand-in and an SMTP server, wired to the Airflow connections
+    ``slack_rollouts`` and ``smtp_rollouts``."""
+    import json
+    import socket
+
+    from aiosmtpd.controller import Controller
+
+    from local_servers import serve
+
+    inbox = Inbox()
+    with socket.socket() as probe:  # a free port: aiosmtpd checks its own with a connection
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    with serve(lambda service, request: (200, None)) as slack:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_SLACK_ROLLOUTS",
+            json.dumps({"conn_type": "slackwebhook", "password": f"{slack.url}/services/T000/B000/XXXX"}),
+        )
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_SMTP_ROLLOUTS",
+            json.dumps(
+                {
+                    "conn_type": "smtp",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "mlcanary@example.com"},
+                }
+            ),
+        )
+        try:
+            yield slack, inbox
+        finally:
+            controller.stop()

@@ -10,19 +10,17 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from email import message_from_bytes
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 
-from local_servers import Service, serve
+from conftest import Inbox
+from local_servers import Service
 from mlcanary import registry
 from mlcanary.warehouse.schema import registry as registry_table
 from rollout_runner import E2E_ANALYSIS, run_rollout
@@ -84,48 +82,6 @@ def answer(api: Any, answers: dict[str, str | None]) -> Callable[[str, threading
             assert reply.status_code == 200, reply.text
 
     return respond
-
-
-class Inbox:
-    """A local SMTP server that keeps the messages it receives."""
-
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(message_from_bytes(envelope.content))
-        return "250 OK"
-
-
-@pytest.fixture
-def channels(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Service, Inbox]]:
-    """A Slack incoming-webhook stand-in and an SMTP server, wired to Airflow connections."""
-    inbox = Inbox()
-    with socket.socket() as probe:  # a free port: aiosmtpd checks its own with a connection
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    with serve(lambda service, request: (200, None)) as slack:
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_SLACK_ROLLOUTS",
-            json.dumps({"conn_type": "slackwebhook", "password": f"{slack.url}/services/T000/B000/XXXX"}),
-        )
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_SMTP_ROLLOUTS",
-            json.dumps(
-                {
-                    "conn_type": "smtp",
-                    "host": "127.0.0.1",
-                    "port": port,
-                    "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "mlcanary@example.com"},
-                }
-            ),
-        )
-        try:
-            yield slack, inbox
-        finally:
-            controller.stop()
 
 
 NOTIFY = {

@@ -72,7 +72,7 @@ class ApproveFinalStageOperator(RolloutTaskMixin, ApprovalOperator):
             if event["chosen_options"] == [ApprovalOperator.APPROVE]:
                 self.decide(ref, "approve", f"final stage approved {who}", stage, key="approve")
             else:
-                self.roll_back_now(ref, f"final stage not approved: Reject {who}")
+                self.roll_back_now(context, ref, f"final stage not approved: Reject {who}")
         return super().execute_complete(context, event)
 
 
@@ -129,7 +129,7 @@ class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
                 )
                 return HITLOperator.execute(self, context)  # waits in awaiting_input
         self.log.info(nxt.reason)
-        self.roll_back_now(rollout.ref, nxt.reason)
+        self.roll_back_now(context, rollout.ref, nxt.reason)
         return self.do_branch(context, None)  # skip the promotion: the rollback is done
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
@@ -139,7 +139,7 @@ class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
         who = f"{choice} chosen {_who(result, self.spec.policies.ask_timeout)}"
         stage = len(self.spec.stages)
         if choice == ROLL_BACK:
-            self.roll_back_now(ref, who)
+            self.roll_back_now(context, ref, who)
             return self.do_branch(context, None)
         self.decide(ref, {PROMOTE: "promote_chosen", EXTEND: "extend"}[choice], who, stage, key=f"answer:{choice}")
         return self.do_branch(context, self.options_mapping.get(choice))

@@ -37,6 +37,7 @@ from mlcanary_airflow.hooks import WarehouseHook, mlflow_client, router_for
 from mlcanary_airflow.triggers import LookAgainTrigger
 
 BEGIN = "validate_and_lock"  # its XCom is the rollout's RolloutRef: what a rollback needs
+PENDING = "mlcanary_rollback"  # XCom of a task that rolled back but could not record it (or why it rolled back)
 
 
 def rollout_id_of(context: Context) -> str:
@@ -108,21 +109,25 @@ class RolloutTaskMixin:
                 key=key,
             )
 
-    def roll_back_now(self, ref: steps.RolloutRef, reason: str) -> None:
+    def roll_back_now(self, context: Context, ref: steps.RolloutRef, reason: str) -> None:
         """Canary to 0 % from the task that decided it, before it fails: no waiting for the failure
-        cascade. The ``rollback`` teardown still runs (with retries) and finishes what this began."""
+        cascade. The ``rollback`` teardown still runs (with retries) and finishes what this began;
+        records this task could not write (the warehouse is down) go to it in XCom."""
         try:
             done = steps.rollback(self.engine, self.router, self.spec, ref, reason)
         except steps.StepRefused as why:
             self.log.warning("mlcanary: no rollback needed: %s", why)
         except Exception as exc:  # the rollback task retries; the decision must still be raised
             self.log.error("mlcanary: immediate rollback failed, the rollback task retries it: %s", exc)
+            context["ti"].xcom_push(key=PENDING, value={"reason": reason})
         else:
             self.log.warning("mlcanary: rolled back: %s (%s)", reason, done.records.note)
+            if not done.recorded:
+                context["ti"].xcom_push(key=PENDING, value=done.records.to_dict())
 
-    def stop(self, ref: steps.RolloutRef, nxt: Next) -> None:
+    def stop(self, context: Context, ref: steps.RolloutRef, nxt: Next) -> None:
         """The state machine said roll back: do it now, then fail this task (no retries)."""
-        self.roll_back_now(ref, nxt.reason)
+        self.roll_back_now(context, ref, nxt.reason)
         raise AirflowFailException(nxt.reason)
 
 
@@ -280,7 +285,7 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         )
         match nxt.step:
             case Step.ROLL_BACK:
-                self.stop(rollout.ref, nxt)
+                self.stop(context, rollout.ref, nxt)
             case Step.LOOK_AGAIN:
                 key = f"{nxt.action}:{self.task_id}:{look}"
                 self.decide(rollout, nxt.action, nxt.reason, self.stage, result.verdict, key=key)
@@ -313,7 +318,7 @@ class ExtendOperator(AnalysisOperator, BranchMixIn):
         reason = (
             f"extended analysis still {result['verdict']} after {self.spec.policies.max_extension}: {result['reason']}"
         )
-        self.roll_back_now(self.ref(context), reason)
+        self.roll_back_now(context, self.ref(context), reason)
         return self.do_branch(context, None)  # skip the promotion: the rollback is done
 
 
@@ -373,7 +378,8 @@ class RollbackOperator(RolloutTaskMixin, BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         ref = self.ref(context)
-        reason = self._reason(context, ref)
+        earlier = self._earlier(context)
+        reason = self._reason(context, ref, earlier)
         try:
             done = steps.rollback(self.engine, self.router, self.spec, ref, reason)
         except steps.StepRefused as why:
@@ -387,11 +393,20 @@ class RollbackOperator(RolloutTaskMixin, BaseOperator):
                 "report writes them when the warehouse answers",
                 done.record_error,
             )
-            result["pending"] = done.records.to_dict()
+            # the attempt that changed the split knows where it came from; a confirmation does not
+            records = earlier if earlier and "note" in earlier and not done.records.applied else done.records.to_dict()
+            result["pending"] = records
         return result
 
-    def _reason(self, context: Context, ref: steps.RolloutRef) -> str:
-        """The decision's reason if the warehouse has it, else what the run's task states say."""
+    def _earlier(self, context: Context) -> dict[str, Any] | None:
+        """What a task that rolled back before this one could not record (the warehouse was down)."""
+        found = context["ti"].xcom_pull(task_ids=[t for t in self.dag.task_ids if t != self.task_id], key=PENDING)
+        earlier = [x for x in (found if isinstance(found, list) else [found]) if x]
+        return dict(earlier[0]) if earlier else None
+
+    def _reason(self, context: Context, ref: steps.RolloutRef, earlier: dict[str, Any] | None) -> str:
+        """The decision's reason: from the warehouse, else from the task that decided it, else what the
+        run's task states say."""
         try:
             with self.engine.connect() as conn:
                 decided = last_decision(conn, ref.rollout_id, "rollback")
@@ -399,12 +414,14 @@ class RollbackOperator(RolloutTaskMixin, BaseOperator):
                 return str(decided.reason)
         except Exception as exc:  # the warehouse is down: the rollback goes on without it
             self.log.warning("mlcanary: the warehouse cannot be read (%s): rolling back on the router alone", exc)
+        if earlier:
+            return str(earlier["reason"])
         try:
             states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[context["run_id"]])
             tasks = states.get(context["run_id"], {})
         except Exception:  # dag.test() and older task runners: the generic reason will do
             tasks = {}
-        failed = sorted(t for t, s in tasks.items() if s in ("failed", "upstream_failed") and t != self.task_id)
+        failed = sorted(t for t, s in tasks.items() if s == "failed" and t != self.task_id)
         if failed:
             return f"the run ended without promotion: {', '.join(failed)} failed (or the run was stopped)"
         return "the run ended without promotion (it was stopped, or a task did not finish)"

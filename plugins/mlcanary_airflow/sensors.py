@@ -52,7 +52,7 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
         event = event or {"status": "error", "reason": "the trigger ended without an event"}
         nxt = after_guardrails(event["status"], event["reason"], self.stage)
         if nxt.step is Step.ROLL_BACK:
-            self.stop(self.ref(context), nxt)
+            self.stop(context, self.ref(context), nxt)
         self.log.info(
             "stage %d healthy for %.0f s over %d polls: %s",
             self.stage,
