@@ -11,6 +11,10 @@ kill a task) are in ``test_faults_airflow.py``.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +25,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from conftest import Inbox, base_spec
+from conftest import ROOT, Inbox, base_spec
 from local_servers import Service, TcpProxy, serve, traffic_service
 from mlcanary import registry
 from mlcanary import rollout as steps
@@ -29,7 +33,9 @@ from mlcanary.lifecycle import Status
 from mlcanary.routers.base import Split
 from mlcanary.routers.webhook import WebhookRouter
 from mlcanary.simulator import Fault, LiveSimulator, SimConfig
-from mlcanary.warehouse.schema import traffic_history
+from mlcanary.spec import parse_spec
+from mlcanary.warehouse.engine import make_engine
+from mlcanary.warehouse.schema import create_schema, decisions, traffic_history
 from rollout_runner import E2E_ANALYSIS, MODEL, load_dag, run_rollout
 
 pytestmark = pytest.mark.faults
@@ -212,3 +218,182 @@ def test_a_rollback_reaches_the_router_and_is_announced_with_the_warehouse_down(
     assert "(applied by an earlier attempt" in zero[0].note or "recorded late" in zero[0].note
     with pg_engine.connect() as conn:
         assert registry.get(conn, MODEL, "v2").status == "rejected"  # type: ignore[union-attr]
+
+
+# --- no false all-clear --------------------------------------------------------------------------
+
+
+def _refusing_rollbacks(secret: str) -> Any:
+    """A traffic service whose platform will not take the canary back to 0 % (HTTP 503, every time)."""
+    honest = traffic_service(secret)
+
+    def handle(service: Service, request: Any) -> tuple[int, dict | None]:
+        body = request.json() if request.method == "POST" else {}
+        if body.get("canary_version") and body.get("canary_percent") == 0:
+            service.state["refused"] = service.state.get("refused", 0) + 1
+            return 503, {"error": "the platform is degraded"}
+        return honest(service, request)
+
+    return handle
+
+
+def test_a_rollback_that_fails_keeps_the_model_locked_and_alerts_every_channel(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channels: tuple[Service, Inbox]
+) -> None:
+    slack, inbox = channels
+    engine, _ = _sqlite_warehouse(tmp_path, monkeypatch)
+    with serve(_refusing_rollbacks(SECRET)) as service:
+        router = _webhook(monkeypatch, service)
+        dag_run = _dag_test(tmp_path, monkeypatch, _webhook_spec(), engine, router, faults=("v2:latency_ms=300",))
+        assert service.state["refused"] >= 3  # the sensor's attempt, then the teardown's two tries
+        assert router.get_split(MODEL) == Split(MODEL, "v1", "v2", 10.0)  # still there: said, not hidden
+        states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+        assert states["rollback"] == "failed" and states["report"] == "failed" and str(dag_run.state) == "failed"
+        rollout = _rollout(engine)
+        assert rollout.status is Status.ROLLBACK_FAILED and rollout.holds_lock  # no false all-clear
+        assert rollout.reason.startswith("the canary still has traffic: v1 90 %, v2 10 %")
+        history = _rows(engine, traffic_history, rollout.rollout_id)
+        assert history[-1].note.startswith("final split: v1 90 %, v2 10 %") and history[-1].to_percent == 10.0
+        assert any(h.note.startswith("FAILED rollback: canary to 0 %") for h in history)
+        actions = [d.action for d in _rows(engine, decisions, rollout.rollout_id)]
+        assert actions.count("rollback") == 1 and "rollback_failed" in actions
+        texts = [q.json()["text"] for q in slack.requests]
+        subjects = [m["Subject"] for m in inbox.messages]
+        for said in (texts, subjects):  # every channel, from the rollback task and from report
+            assert any(s.startswith("mlcanary: ROLLBACK FAILED for unit-ranker v2") for s in said), said
+            assert any(s.startswith("mlcanary: ROLLBACK FAILED for unit-ranker") and "v2 (" not in s for s in said)
+        # The next rollout of the model is refused with the reason, and touches nothing.
+        (tmp_path / "next").mkdir()
+        again = load_dag(tmp_path / "next", monkeypatch, _webhook_spec()).test(run_conf={"candidate_version": "v3"})
+        ti = {t.task_id: t for t in again.get_task_instances()}
+        assert str(ti["validate_and_lock"].state) == "failed"
+        assert router.get_split(MODEL) == Split(MODEL, "v1", "v2", 10.0)
+    with engine.connect() as conn:
+        assert steps.lock_holder(conn, MODEL).rollout_id == rollout.rollout_id  # type: ignore[union-attr]
+        assert registry.get(conn, MODEL, "v3") is None
+
+
+def _reverting_promotions(secret: str) -> Any:
+    """A traffic service that takes a promotion, reads it back once, then goes back to v1 (a platform
+    that rolled back on its own)."""
+    honest = traffic_service(secret)
+
+    def handle(service: Service, request: Any) -> tuple[int, dict | None]:
+        answer = honest(service, request)
+        if request.method == "POST" and request.json().get("baseline_version") == "v2":  # v2 promoted
+            service.state["reads_left"] = 1
+        elif request.method == "GET" and "reads_left" in service.state:
+            service.state["reads_left"] -= 1
+            if service.state["reads_left"] < 0:
+                service.state["splits"][MODEL] = {
+                    "model": MODEL,
+                    "baseline_version": "v1",
+                    "canary_version": None,
+                    "canary_percent": 0.0,
+                    "rollout_id": "platform-restore",
+                }
+                return 200, service.state["splits"][MODEL]
+        return answer
+
+    return handle
+
+
+def test_a_promotion_the_platform_reverted_fails_the_run_and_alerts(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channels: tuple[Service, Inbox]
+) -> None:
+    slack, _ = channels
+    engine, _ = _sqlite_warehouse(tmp_path, monkeypatch)
+    with serve(_reverting_promotions(SECRET)) as service:
+        router = _webhook(monkeypatch, service)
+        dag_run = _dag_test(tmp_path, monkeypatch, _webhook_spec(), engine, router)
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    assert states["promote"] == "success" and states["report"] == "failed" and str(dag_run.state) == "failed"
+    rollout = _rollout(engine)
+    assert rollout.status is Status.SPLIT_MISMATCH and rollout.holds_lock
+    assert rollout.reason.startswith("v2 was promoted, but the platform reports v1 100 % (set by platform-restore)")
+    alert = [q.json()["text"] for q in slack.requests if "SPLIT MISMATCH" in q.json()["text"]]
+    assert len(alert) == 1 and "mlcanary abort --rollout" in alert[0]
+
+
+def _sqlite_warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[sa.Engine, Path]:
+    db = tmp_path / "warehouse.db"
+    engine = make_engine(f"sqlite:///{db}")
+    create_schema(engine)
+    monkeypatch.setenv("AIRFLOW_CONN_MLCANARY_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(db)}))
+    return engine, db
+
+
+def _webhook(monkeypatch: pytest.MonkeyPatch, service: Service) -> WebhookRouter:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FAULTS_ROUTER",
+        json.dumps({"conn_type": "http", "extra": {"url": service.url}, "password": SECRET}),
+    )
+    router = WebhookRouter(service.url, SECRET)
+    router.set_split(Split(MODEL, "v1", None, 0.0), None)
+    return router
+
+
+# --- records you can trust -----------------------------------------------------------------------
+
+_STEP_IN_A_CHILD = """
+import json, sys
+from mlcanary import rollout as steps
+from mlcanary.routers.webhook import WebhookRouter
+from mlcanary.spec import parse_spec
+from mlcanary.warehouse.engine import make_engine
+url, service, secret, spec, ref = sys.argv[1:]
+steps.shift_to_stage(make_engine(url), WebhookRouter(service, secret), parse_spec(json.loads(spec)),
+                     steps.RolloutRef.from_dict(json.loads(ref)), 1)
+"""
+
+
+def test_a_step_killed_between_the_router_and_its_records_is_not_called_already_in_force(
+    tmp_path: Path, traffic: Service
+) -> None:
+    """A process sets the split on the router, then waits for the warehouse (another writer holds it)
+    and is killed (SIGKILL) before it records anything. The retry must say the split was set by that
+    attempt, not that it was already in force, and record it once."""
+    db = tmp_path / "warehouse.db"
+    engine = make_engine(f"sqlite:///{db}")
+    create_schema(engine)
+    router = WebhookRouter(traffic.url, SECRET)
+    router.set_split(Split(MODEL, "v1", None, 0.0), None)
+    data = base_spec()
+    spec = parse_spec(data)
+    started = steps.begin_rollout(engine, router, spec, "rollout__unit_ranker/run-1", "v2")
+    blocker = sa.create_engine(f"sqlite:///{db}", connect_args={"timeout": 1}).raw_connection()
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the warehouse
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _STEP_IN_A_CHILD,
+            f"sqlite:///{db}",
+            traffic.url,
+            SECRET,
+            json.dumps(data),
+            json.dumps(started.ref.to_dict()),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while traffic.state.get("applied", 1) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert traffic.state.get("applied") == 2, "the child never reached the router"
+        time.sleep(1)  # it read the split back and waits for the warehouse now
+        assert child.poll() is None
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert router.get_split(MODEL) == Split(MODEL, "v1", "v2", 10.0)
+    assert [h.note for h in _rows(engine, traffic_history, started.rollout_id)][1:] == []  # nothing recorded
+    steps.shift_to_stage(engine, router, spec, started.ref, 1)  # the task's retry
+    (step,) = _rows(engine, traffic_history, started.rollout_id)[1:]
+    assert step.applied and (step.from_percent, step.to_percent) == (0.0, 10.0)
+    assert step.note == "stage 1: canary to 10 % (applied by an earlier attempt, whose record was lost)"
+    assert traffic.state["applied"] == 2  # the retry wrote nothing to the router
+    advances = [d for d in _rows(engine, decisions, started.rollout_id) if d.action == "advance"]
+    assert len(advances) == 1
