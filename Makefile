@@ -14,6 +14,8 @@ export AIRFLOW__API__HOST ?= 127.0.0.1
 export AIRFLOW__API__PORT ?= 8080
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL ?= http://$(AIRFLOW__API__HOST):$(AIRFLOW__API__PORT)/execution/
 export MLCANARY_WAREHOUSE ?= sqlite:///$(AIRFLOW_HOME)/warehouse.db
+# The specs of running rollouts (their DAGs outlive an edit of the YAML): kept out of the repo.
+export MLCANARY_SNAPSHOT_DIR ?= $(AIRFLOW_HOME)/running-specs
 export AIRFLOW_CONN_MLCANARY_WAREHOUSE ?= {"conn_type": "sqlite", "host": "$(AIRFLOW_HOME)/warehouse.db"}
 export PATH := $(BIN):$(PATH)
 

@@ -27,6 +27,7 @@ os.environ.update(
     AIRFLOW__API_AUTH__JWT_SECRET=uuid.uuid4().hex * 2,  # a throwaway signing key of a safe length
 )
 os.environ.pop("MLCANARY_SPEC_DIR", None)
+os.environ.pop("MLCANARY_SNAPSHOT_DIR", None)  # each test's spec folder keeps its own snapshots
 
 import sqlalchemy as sa  # noqa: E402
 

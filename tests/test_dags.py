@@ -14,6 +14,7 @@ from airflow.sdk.definitions.param import ParamsDict
 
 from conftest import ROOT, base_spec
 from mlcanary.spec import load_spec, parse_spec
+from mlcanary_airflow import snapshots
 from mlcanary_airflow.dag_factory import SpecWarning, build_dag, build_dags
 from mlcanary_airflow.sensors import GuardrailSensor
 
@@ -28,7 +29,9 @@ def test_dagbag_loads_every_example_without_import_errors(monkeypatch: pytest.Mo
     bag = _bag(monkeypatch)
     assert bag.import_errors == {}
     expected = {f"rollout__{p.stem}" for p in (ROOT / "include/rollouts").glob("*.yaml")}
-    assert set(bag.dag_ids) == expected
+    assert set(bag.dag_ids) == expected | {"mlcanary_watchdog"}
+    watchdog = bag.dags["mlcanary_watchdog"]
+    assert not watchdog.is_paused_upon_creation and watchdog.max_active_runs == 1
 
 
 def test_a_broken_spec_leaves_only_its_own_dag_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -39,7 +42,7 @@ def test_a_broken_spec_leaves_only_its_own_dag_out(monkeypatch: pytest.MonkeyPat
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
     bag = _bag(monkeypatch, tmp_path)
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {"rollout__good_one", "rollout__good_two"}
+    assert set(bag.dag_ids) == {"rollout__good_one", "rollout__good_two", "mlcanary_watchdog"}
     with pytest.warns(SpecWarning) as caught:
         build_dags(tmp_path)
     text = str(caught[0].message)
@@ -125,3 +128,28 @@ def test_guardrails_never_soft_fail() -> None:
     assert len(guards) == 3
     assert all(not getattr(g, "soft_fail", False) for g in guards)
     assert dag.max_active_runs == 1
+
+
+def test_a_running_rollouts_dag_is_built_from_the_spec_it_started_with(tmp_path: Path) -> None:
+    """Edited, broken or deleted while a rollout runs: the DAG keeps the stages the rollout began
+    with, until its snapshot is removed with the lock."""
+    path = tmp_path / "unit_ranker.yaml"
+    started = parse_spec(base_spec())
+    path.write_text(yaml.safe_dump(base_spec()))
+    store = snapshots.snapshot_dir(tmp_path)
+    snapshots.save(store, started.model_dump(mode="json", by_alias=True), "rollout__unit_ranker/run-1")
+    for change, said in (
+        (lambda: path.write_text(yaml.safe_dump(base_spec(stages=[{"percent": 50, "bake": "1m"}]))), "was edited"),
+        (lambda: path.write_text("stages: [{percent: 10\n"), "is broken, renamed or deleted"),
+        (lambda: path.unlink(), "is broken, renamed or deleted"),
+    ):
+        change()
+        with pytest.warns(SpecWarning) as caught:
+            dags = build_dags(tmp_path)
+        assert "stage_3.shift_traffic" in dags["rollout__unit_ranker"].task_dict  # three stages, as started
+        assert any(said in str(w.message) and "rollout__unit_ranker/run-1" in str(w.message) for w in caught)
+        begin = dags["rollout__unit_ranker"].task_dict["validate_and_lock"]
+        assert begin.built_from == "rollout__unit_ranker/run-1" and begin.snapshot_dir == str(store)
+    assert not snapshots.remove(store, "unit_ranker", "rollout__unit_ranker/another-run")  # not its to remove
+    assert snapshots.remove(store, "unit_ranker", "rollout__unit_ranker/run-1")
+    assert build_dags(tmp_path) == {}  # the YAML is gone, and now the snapshot too

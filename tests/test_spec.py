@@ -124,6 +124,8 @@ def test_defaults_follow_the_warehouse_contract() -> None:
             "all off",
         ),
         ({"name": "Feed-Ranker"}, "name", "should match pattern"),
+        ({"retries": {"rollback": 0}}, "retries.rollback", "greater than or equal to 1"),
+        ({"retries": {"delay": "0s"}}, "retries.delay", "longer than 0 s"),
     ],
 )
 def test_broken_spec_names_file_and_field(tmp_path: Path, change: dict, field: str, message: str) -> None:

@@ -30,6 +30,7 @@ from mlcanary.lifecycle import describe, stale_reason
 from mlcanary.report import format_table, last_checks
 from mlcanary.spec import RolloutSpec
 from mlcanary.warehouse.engine import make_engine
+from mlcanary.warehouse.schema import create_schema
 
 
 def _engine(args: argparse.Namespace) -> Engine:
@@ -95,6 +96,7 @@ def _status_of(engine: Engine, rollout: steps.Rollout) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     engine = _engine(args)
+    create_schema(engine, contract=False)  # a warehouse of an older mlcanary gains the new columns
     with engine.connect() as conn:
         locked = steps.locked_rollouts(conn, args.model)
     found = [_status_of(engine, r) for r in locked]
@@ -124,6 +126,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
     if not args.reason.strip():
         raise core.UsageError("--reason must say why")
     engine = _engine(args)
+    create_schema(engine, contract=False)
     with engine.connect() as conn:
         rollout = steps.get_rollout(conn, args.rollout)
     if rollout is None:
