@@ -85,7 +85,7 @@ def test_a_rejected_candidate_needs_a_reason(engine: sa.Engine, spec: RolloutSpe
     _serving(router, spec)
     first = steps.begin_rollout(engine, router, spec, "r1", "v4")
     steps.shift_to_stage(engine, router, spec, first, 1)
-    steps.rollback(engine, router, spec, first, "analysis: ctr fell 0.24 → 0.17")
+    steps.rollback(engine, router, first, "analysis: ctr fell 0.24 → 0.17")
     steps.finish(engine, router, first)
     with pytest.raises(steps.RolloutError, match=r"v4 was rolled back before \(r1: analysis: ctr fell"):
         steps.begin_rollout(engine, router, spec, "r2", "v4")
@@ -107,7 +107,7 @@ def test_one_active_rollout_per_model(engine: sa.Engine, spec: RolloutSpec) -> N
         steps.begin_rollout(engine, router, spec, "dag/run-2", "v3")
     assert steps.begin_rollout(engine, router, spec, "dag/run-1", "v2").rollout_id == "dag/run-1"  # a retry
     steps.shift_to_stage(engine, router, spec, first, 1)
-    steps.rollback(engine, router, spec, first, "test")
+    steps.rollback(engine, router, first, "test")
     assert steps.finish(engine, router, first).released
     with pytest.raises(steps.RolloutError, match="this run's rollout already ended"):  # a cleared start
         steps.begin_rollout(engine, router, spec, "dag/run-1", "v2")
@@ -120,17 +120,17 @@ def test_an_ended_rollout_changes_no_traffic(engine: sa.Engine, spec: RolloutSpe
     _serving(router, spec)
     a = steps.begin_rollout(engine, router, spec, "dag/A", "v2")
     steps.shift_to_stage(engine, router, spec, a, 1)
-    steps.promote(engine, router, spec, a, "ok")
+    steps.promote(engine, router, a, "ok")
     steps.finish(engine, router, a)
     b = steps.begin_rollout(engine, router, spec, "dag/B", "v3")
     steps.shift_to_stage(engine, router, spec, b, 2)
-    steps.promote(engine, router, spec, b, "ok")
+    steps.promote(engine, router, b, "ok")
     steps.finish(engine, router, b)
     final = router.get_split(spec.model)
     with pytest.raises(steps.StepRefused, match="no longer holds its model's lock"):
         steps.shift_to_stage(engine, router, spec, a, 1)
     with pytest.raises(steps.StepRefused, match="was promoted"):
-        steps.rollback(engine, router, spec, a, "cleared")
+        steps.rollback(engine, router, a, "cleared")
     assert router.get_split(spec.model) == final == Split(spec.model, "v3", None, 0.0)
     with engine.connect() as conn:
         assert registry.get(conn, spec.model, "v3").status == "baseline"  # type: ignore[union-attr]
@@ -145,13 +145,13 @@ def test_a_step_changes_only_its_own_split(engine: sa.Engine, spec: RolloutSpec)
     with pytest.raises(steps.StepRefused, match="which this rollout did not set"):
         steps.shift_to_stage(engine, router, spec, r, 2)
     with pytest.raises(steps.StepRefused, match="which this rollout did not set"):
-        steps.rollback(engine, router, spec, r, "breach")
+        steps.rollback(engine, router, r, "breach")
     assert router.get_split(spec.model) == Split(spec.model, "v1", "v2", 50.0)
     assert _history(engine)[-1].note.startswith(
         "REFUSED rollback: canary to 0 %: the router reports v1 50 %, v2 50 % (set by someone-else)"
     )
     router.set_split(Split(spec.model, "v1", "v9", 30.0), "someone-else")  # another canary: ours has no traffic
-    done = steps.rollback(engine, router, spec, r, "breach")
+    done = steps.rollback(engine, router, r, "breach")
     assert done.records.note == "rollback: canary to 0 % (already in force)"
     assert router.get_split(spec.model) == Split(spec.model, "v1", "v9", 30.0)  # not ours: untouched
 
@@ -232,7 +232,7 @@ def test_promote_and_rollback_end_states(engine: sa.Engine, spec: RolloutSpec) -
     _serving(router, spec)
     r = steps.begin_rollout(engine, router, spec, "r1", "v2")
     steps.shift_to_stage(engine, router, spec, r, 3)
-    steps.promote(engine, router, spec, r, "ok")
+    steps.promote(engine, router, r, "ok")
     split = router.get_split(spec.model)
     assert split is not None and split.share("v2") == 100.0 and split.baseline_version == "v2"
     assert split.owner == "r1"
@@ -241,8 +241,8 @@ def test_promote_and_rollback_end_states(engine: sa.Engine, spec: RolloutSpec) -
     r2 = steps.begin_rollout(engine, router, spec, "r2", "v3")
     assert r2.baseline_version == "v2"
     steps.shift_to_stage(engine, router, spec, r2, 1)
-    steps.rollback(engine, router, spec, r2, "p99 breach")
-    again = steps.rollback(engine, router, spec, r2, "an upstream task failed")  # the teardown after the sensor
+    steps.rollback(engine, router, r2, "p99 breach")
+    again = steps.rollback(engine, router, r2, "an upstream task failed")  # the teardown after the sensor
     assert again.records.note == "rollback: canary to 0 % (already in force)" and not again.records.applied
     ended = steps.finish(engine, router, r2)
     assert router.get_split(spec.model).share("v3") == 0.0  # type: ignore[union-attr]
@@ -261,7 +261,7 @@ def test_a_failed_rollback_keeps_the_lock(engine: sa.Engine, spec: RolloutSpec) 
     steps.shift_to_stage(engine, router, spec, r, 2)
     router.failures = 10
     with pytest.raises(TrafficShiftError):
-        steps.rollback(engine, router, spec, r, "breach")
+        steps.rollback(engine, router, r, "breach")
     assert _row(engine, "r").status is Status.ROLLING_BACK  # no later task goes on
     ended = steps.finish(engine, router, r)
     assert not ended.released and ended.rollout.status is Status.ROLLBACK_FAILED and ended.rollout.holds_lock
@@ -271,7 +271,7 @@ def test_a_failed_rollback_keeps_the_lock(engine: sa.Engine, spec: RolloutSpec) 
     ):
         steps.begin_rollout(engine, router, spec, "r-next", "v3")
     router.failures = 0  # the platform is back: a person aborts
-    aborted = steps.abort(engine, router, spec, "r", "router fixed, rolling back", by="oncall")
+    aborted = steps.abort(engine, router, "r", "router fixed, rolling back", by="oncall")
     assert aborted.released and aborted.rollout.status is Status.ROLLED_BACK
     assert router.get_split(spec.model) == Split(spec.model, "v1", "v2", 0.0)
     with engine.connect() as conn:
@@ -284,12 +284,12 @@ def test_a_promotion_the_platform_reverted_is_not_an_all_clear(engine: sa.Engine
     _serving(router, spec)
     r = steps.begin_rollout(engine, router, spec, "r", "v2")
     steps.shift_to_stage(engine, router, spec, r, 1)
-    steps.promote(engine, router, spec, r, "ok")
+    steps.promote(engine, router, r, "ok")
     router.set_split(Split(spec.model, "v1", None, 0.0), "platform-revert")  # the platform went back
     ended = steps.finish(engine, router, r)
     assert not ended.released and ended.rollout.status is Status.SPLIT_MISMATCH
     assert ended.state.problem == "v2 was promoted, but the platform reports v1 100 % (set by platform-revert)"
-    steps.abort(engine, router, spec, "r", "the platform kept v1", by="oncall")
+    steps.abort(engine, router, "r", "the platform kept v1", by="oncall")
     with engine.connect() as conn:
         assert registry.get(conn, spec.model, "v1").status == "baseline"  # type: ignore[union-attr]
         assert registry.get(conn, spec.model, "v2").status == "rejected"  # type: ignore[union-attr]
@@ -301,7 +301,7 @@ def test_dry_run_changes_no_traffic(engine: sa.Engine, spec: RolloutSpec) -> Non
     _serving(router, spec)
     r = steps.begin_rollout(engine, router, spec, "r", "v2", dry_run=True)
     steps.shift_to_stage(engine, router, spec, r, 2)
-    steps.rollback(engine, router, spec, r, "test")
+    steps.rollback(engine, router, r, "test")
     assert steps.finish(engine, router, r).released
     assert router.get_split(spec.model) == Split(spec.model, "v1", None, 0.0)
     assert all(not h.applied for h in _history(engine))

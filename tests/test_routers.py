@@ -70,7 +70,7 @@ def test_webhook_round_trip_is_signed_and_idempotent(
         "rollout_id": "dag/run",
     }
     assert posts[0].headers["X-Mlcanary-Signature"].startswith("sha256=")
-    lifecycle.promote(engine, router, spec, r, "ok")
+    lifecycle.promote(engine, router, r, "ok")
     assert router.get_split(spec.model) == Split(spec.model, "v2", None, 0.0)
 
 
@@ -156,7 +156,7 @@ def test_sagemaker_weights_follow_the_rollout(sagemaker: object, engine: sa.Engi
     lifecycle.shift_to_stage(engine, router, spec, r, 2)
     assert _weights(sagemaker) == {"ranker-v1": 70.0, "ranker-v2": 30.0, "ranker-v3": 0.0}
     assert router.get_split(spec.model) == Split(spec.model, "v1", "v2", 30.0)
-    lifecycle.promote(engine, router, spec, r, "ok")
+    lifecycle.promote(engine, router, r, "ok")
     assert _weights(sagemaker) == {"ranker-v1": 0.0, "ranker-v2": 100.0, "ranker-v3": 0.0}
     assert router.get_split(spec.model) == Split(spec.model, "v2", None, 0.0)
     notes = [h.note for h in _history(engine)]
@@ -168,7 +168,7 @@ def test_sagemaker_rollback_and_a_missing_variant(sagemaker: object, engine: sa.
     router = router_for(spec)
     r = lifecycle.begin_rollout(engine, router, spec, "dag/run", "v3")
     lifecycle.shift_to_stage(engine, router, spec, r, 1)
-    lifecycle.rollback(engine, router, spec, r, "p99 breach")
+    lifecycle.rollback(engine, router, r, "p99 breach")
     assert _weights(sagemaker) == {"ranker-v1": 100.0, "ranker-v2": 0.0, "ranker-v3": 0.0}
     with pytest.raises(TrafficShiftError, match="has no variant ranker-v9"):
         router.set_split(Split(spec.model, "v1", "v9", 10.0), "r")
@@ -211,7 +211,7 @@ def test_kserve_canary_percent_promotion_and_rollback(kserve: tuple[Service, dic
     assert objects[ISVC]["metadata"]["annotations"][CANARY] == "v2"
     patches = [q for q in service.requests if q.method == "PATCH"]
     assert all(q.headers["Content-Type"] == "application/merge-patch+json" for q in patches)
-    lifecycle.promote(engine, router, spec, r, "ok")
+    lifecycle.promote(engine, router, r, "ok")
     predictor = objects[ISVC]["spec"]["predictor"]
     assert "canaryTrafficPercent" not in predictor  # promotion removes the field: the latest revision takes all
     assert objects[ISVC]["metadata"]["annotations"] == {BASELINE: "v2", "mlcanary.io/rollout": "dag/run"}
@@ -219,7 +219,7 @@ def test_kserve_canary_percent_promotion_and_rollback(kserve: tuple[Service, dic
     assert lifecycle.finish(engine, router, r).released
     r3 = lifecycle.begin_rollout(engine, router, spec, "dag/run-3", "v3")
     lifecycle.shift_to_stage(engine, router, spec, r3, 2)
-    lifecycle.rollback(engine, router, spec, r3, "analysis FAIL")
+    lifecycle.rollback(engine, router, r3, "analysis FAIL")
     assert objects[ISVC]["spec"]["predictor"]["canaryTrafficPercent"] == 0  # rollback sets 0
     assert router.get_split(spec.model) == Split(spec.model, "v2", "v3", 0.0)
 
@@ -253,7 +253,7 @@ def test_webhook_steps_are_compare_and_set_on_the_owner(traffic: Service, engine
     with pytest.raises(lifecycle.StepRefused, match=r"v1 50 %, v2 50 % \(set by rollout__other/run\)"):
         lifecycle.shift_to_stage(engine, router, spec, r, 2)
     with pytest.raises(lifecycle.StepRefused, match="which this rollout did not set"):
-        lifecycle.rollback(engine, router, spec, r, "breach")
+        lifecycle.rollback(engine, router, r, "breach")
     assert len([q for q in traffic.requests if q.method == "POST"]) == posts  # nothing was written
     assert router.get_split(spec.model) == Split(spec.model, "v1", "v2", 50.0)
 

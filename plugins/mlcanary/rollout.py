@@ -251,7 +251,7 @@ def shift_to_stage(engine: Engine, router: Router, spec: RolloutSpec, ref: Rollo
     return _step(engine, router, ref, target, f"stage {stage}: canary to {percent:g} %", Action.SHIFT, records)
 
 
-def promote(engine: Engine, router: Router, spec: RolloutSpec, ref: RolloutRef, reason: str) -> Split:
+def promote(engine: Engine, router: Router, ref: RolloutRef, reason: str) -> Split:
     """Canary to 100 %, then make it the model's baseline (the registry's too)."""
     full = Split(ref.model, ref.baseline_version, ref.canary_version, 100.0)
 
@@ -494,7 +494,7 @@ class Rollback:
     record_error: str | None = None
 
 
-def rollback(engine: Engine, router: Router, spec: RolloutSpec, ref: RolloutRef, reason: str) -> Rollback:
+def rollback(engine: Engine, router: Router, ref: RolloutRef, reason: str) -> Rollback:
     """Decide a rollback and carry it out: the canary to 0 %, the router first, the records after.
 
     The warehouse guard (the rollout holds its lock and is not promoted) applies when the warehouse
@@ -519,7 +519,6 @@ def rollback(engine: Engine, router: Router, spec: RolloutSpec, ref: RolloutRef,
     try:
         before = router.get_split(ref.model)
     except Exception as exc:
-        _decide_rollback(warehouse, ref, reason)
         if warehouse is not None:
             _record_only(warehouse, ref, None, f"FAILED {note}: the split could not be read: {exc}")
         raise TrafficShiftError(f"{note}: the split could not be read: {exc}") from exc
@@ -542,11 +541,7 @@ def rollback(engine: Engine, router: Router, spec: RolloutSpec, ref: RolloutRef,
                     raise TrafficShiftError(f"{note}: the split changed while the rollback ran; nothing was changed")
                 _rollback_records_in(conn, ref, records)
             return Rollback(target, records, True)
-        try:
-            _set_and_verify(warehouse, router, ref, target, note, from_pct)
-        except TrafficShiftError:
-            _decide_rollback(warehouse, ref, reason)
-            raise
+        _set_and_verify(warehouse, router, ref, target, note, from_pct)
     after, _ = _read_back(router, ref.model)
     records = RollbackRecords(reason, note, from_pct, applied, _split_dict(after), utcnow().isoformat())
     if unreachable:
@@ -701,9 +696,7 @@ def finish(engine: Engine, router: Router, ref: RolloutRef) -> Finish:
     return Finish(ended, split, state, released=state.safe)
 
 
-def abort(
-    engine: Engine, router: Router, spec: RolloutSpec, rollout_id: str, reason: str, by: str, key: str | None = None
-) -> Finish:
+def abort(engine: Engine, router: Router, rollout_id: str, reason: str, by: str, key: str | None = None) -> Finish:
     """Stop a rollout from outside its run (a person, or the watchdog): roll the canary back unless it
     was promoted, record who and why (once per ``key``, if given), and release the lock once the split
     is known to be safe."""
@@ -718,7 +711,7 @@ def abort(
         _decider(conn, rollout_id, row.model)("abort", why, stage=row.stage_reached or None, key=key)
     if row.status is not Status.PROMOTED:
         try:
-            done = rollback(engine, router, spec, row.ref, why)
+            done = rollback(engine, router, row.ref, why)
             if not done.recorded:
                 record_rollback(engine, row.ref, done.records)
         except StepRefused:

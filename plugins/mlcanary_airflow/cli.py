@@ -131,11 +131,8 @@ def cmd_abort(args: argparse.Namespace) -> int:
         rollout = steps.get_rollout(conn, args.rollout)
     if rollout is None:
         raise core.UsageError(f"no rollout {args.rollout!r} in this warehouse")
-    spec = RolloutSpec.model_validate(rollout.spec) if rollout.spec else None
-    if spec is None:
-        raise core.UsageError(f"{args.rollout} has no stored spec (it started before mlcanary kept them)")
     try:
-        done = steps.abort(engine, _router(rollout), spec, args.rollout, args.reason.strip(), args.by)
+        done = steps.abort(engine, _router(rollout), args.rollout, args.reason.strip(), args.by)
     except steps.RolloutError as exc:
         raise core.UsageError(str(exc)) from None
     stopped = _stop_run(args.rollout)
@@ -143,7 +140,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
         from mlcanary_airflow import snapshots
 
         spec_dir = os.environ.get("MLCANARY_SPEC_DIR") or "include/rollouts"
-        snapshots.remove(snapshots.snapshot_dir(spec_dir), spec.name, args.rollout)
+        snapshots.remove(snapshots.snapshot_dir(spec_dir), rollout.spec_name, args.rollout)
     result = {
         "rollout_id": args.rollout,
         "status": done.rollout.status.value,

@@ -114,7 +114,7 @@ class RolloutTaskMixin:
         cascade. The ``rollback`` teardown still runs (with retries) and finishes what this began;
         records this task could not write (the warehouse is down) go to it in XCom."""
         try:
-            done = steps.rollback(self.engine, self.router, self.spec, ref, reason)
+            done = steps.rollback(self.engine, self.router, ref, reason)
         except steps.StepRefused as why:
             self.log.warning("mlcanary: no rollback needed: %s", why)
         except Exception as exc:  # the rollback task retries; the decision must still be raised
@@ -339,7 +339,7 @@ class PromoteOperator(RolloutTaskMixin, BaseOperator):
         reason = decided.reason if decided else f"all {len(self.spec.stages)} stages healthy and final analysis PASS"
         if rollout.status is not Status.PROMOTED:  # a retry after the switch goes on with the registry steps
             try:
-                steps.promote(self.engine, self.router, self.spec, rollout.ref, reason)
+                steps.promote(self.engine, self.router, rollout.ref, reason)
             except steps.StepRefused as why:
                 self.refuse(rollout, str(why))
         self.log.info("promoted %s: it now serves 100 %% of %s", rollout.canary_version, self.spec.model)
@@ -381,7 +381,7 @@ class RollbackOperator(RolloutTaskMixin, BaseOperator):
         earlier = self._earlier(context)
         reason = self._reason(context, ref, earlier)
         try:
-            done = steps.rollback(self.engine, self.router, self.spec, ref, reason)
+            done = steps.rollback(self.engine, self.router, ref, reason)
         except steps.StepRefused as why:
             self.log.info("mlcanary: %s", why)
             raise AirflowSkipException(f"{why}; nothing was changed") from None

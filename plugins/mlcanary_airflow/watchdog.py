@@ -83,7 +83,7 @@ class WatchdogOperator(BaseOperator):
         spec = RolloutSpec.model_validate(rollout.spec)
         try:
             done = steps.abort(
-                engine, router_for(spec), spec, rollout.rollout_id, why, by="the mlcanary watchdog", key="watchdog"
+                engine, router_for(spec), rollout.rollout_id, why, by="the mlcanary watchdog", key="watchdog"
             )
         except Exception as exc:  # the router is down: try again next time, the lock stays
             self.log.error("mlcanary watchdog: could not finish %s: %s", rollout.rollout_id, exc)
