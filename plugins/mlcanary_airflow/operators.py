@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.bases.branch import BranchMixIn
@@ -80,7 +80,7 @@ class RolloutTaskMixin:
             self.refuse(found, why)
         return found
 
-    def refuse(self, rollout: steps.Rollout | None, why: str) -> None:
+    def refuse(self, rollout: steps.Rollout | None, why: str) -> NoReturn:
         """Nothing changes: skip if the rollout ended (a cleared task of a finished run), else fail."""
         self.log.warning("mlcanary: %s", why)
         if rollout is None or not rollout.holds_lock or rollout.status.ended:
@@ -125,7 +125,7 @@ class RolloutTaskMixin:
             if not done.recorded:
                 context["ti"].xcom_push(key=PENDING, value=done.records.to_dict())
 
-    def stop(self, context: Context, ref: steps.RolloutRef, nxt: Next) -> None:
+    def stop(self, context: Context, ref: steps.RolloutRef, nxt: Next) -> NoReturn:
         """The state machine said roll back: do it now, then fail this task (no retries)."""
         self.roll_back_now(context, ref, nxt.reason)
         raise AirflowFailException(nxt.reason)
@@ -285,8 +285,8 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         )
         match nxt.step:
             case Step.ROLL_BACK:
-                self.stop(context, rollout.ref, nxt)
-            case Step.LOOK_AGAIN:
+                self.stop(context, rollout.ref, nxt)  # fails the task
+            case Step.LOOK_AGAIN:  # waits in the triggerer; the next look is this method again
                 key = f"{nxt.action}:{self.task_id}:{look}"
                 self.decide(rollout, nxt.action, nxt.reason, self.stage, result.verdict, key=key)
                 confirmed = fails + 1 if nxt.action == "confirm" else 0
