@@ -65,7 +65,8 @@ def _params(spec: RolloutSpec) -> dict[str, Param]:
             type=["null", "string"],
             pattern=VERSION_PATTERN,
             title="Baseline version",
-            description="The version to compare with. Empty: the version serving the model now.",
+            description="The version serving now, to compare with. Empty: read from the router; a version "
+            "that is not the one serving is refused before any traffic moves.",
         ),
         "dry_run": Param(
             False,
