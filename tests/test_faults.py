@@ -116,7 +116,7 @@ def _dag_test(
     monkeypatch: pytest.MonkeyPatch,
     spec: dict[str, Any],
     sim_engine: sa.Engine,
-    router: WebhookRouter,
+    router: Any,  # what the simulated serving layer routes by (get_split)
     faults: tuple[str, ...] = (),
     beside: Callable[[threading.Event], None] | None = None,
 ) -> Any:
@@ -274,8 +274,8 @@ def test_a_rollback_that_fails_keeps_the_model_locked_and_alerts_every_channel(
 
 
 def _reverting_promotions(secret: str) -> Any:
-    """A traffic service that takes a promotion, reads it back once, then goes back to v1 (a platform
-    that rolled back on its own)."""
+    """A traffic service that takes a promotion, answers one read of it (the step's read-back), then
+    goes back to v1: a platform that rolled back on its own."""
     honest = traffic_service(secret)
 
     def handle(service: Service, request: Any) -> tuple[int, dict | None]:
@@ -298,14 +298,30 @@ def _reverting_promotions(secret: str) -> Any:
     return handle
 
 
+class _Serving:
+    """What the serving layer routes by: the traffic service's state, read without HTTP, so that every
+    GET the service counts is the rollout's own."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def get_split(self, model: str) -> Split | None:
+        found = self.service.state.get("splits", {}).get(model)
+        return (
+            None
+            if found is None
+            else Split(model, found["baseline_version"], found["canary_version"], float(found["canary_percent"]))
+        )
+
+
 def test_a_promotion_the_platform_reverted_fails_the_run_and_alerts(
     airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channels: tuple[Service, Inbox]
 ) -> None:
     slack, _ = channels
     engine, _ = _sqlite_warehouse(tmp_path, monkeypatch)
     with serve(_reverting_promotions(SECRET)) as service:
-        router = _webhook(monkeypatch, service)
-        dag_run = _dag_test(tmp_path, monkeypatch, _webhook_spec(), engine, router)
+        _webhook(monkeypatch, service)
+        dag_run = _dag_test(tmp_path, monkeypatch, _webhook_spec(), engine, _Serving(service))
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
     assert states["promote"] == "success" and states["report"] == "failed" and str(dag_run.state) == "failed"
     rollout = _rollout(engine)
