@@ -189,7 +189,10 @@ class AirflowStack:
             ti = self.tasks(dag_id, run_id).get(task_id)
             return ti if ti and ti["state"] in states else None
 
-        return dict(self.wait_for(f"{task_id} to be {'/'.join(states)}", reached, timeout))
+        try:
+            return dict(self.wait_for(f"{task_id} to be {'/'.join(states)}", reached, timeout))
+        except AssertionError as exc:  # say where the run is instead
+            raise AssertionError(f"{exc}; the run's tasks: {self.states(dag_id, run_id)}") from None
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
         found = self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}")

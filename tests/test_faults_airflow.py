@@ -52,11 +52,17 @@ QUICK_ANALYSIS = {
 GUARDRAILS = {**base_spec()["guardrails"], "min_requests": 10, "success_rate_min": 0.9}
 
 
+# Bakes of 12 s at least: a trigger that fires within seconds of its deferral can meet Airflow 3.3's
+# race between the deferral's executor event and the resumed task (apache/airflow#72716, #71580),
+# in which the scheduler fails the resumed task; seen here under CI load with a 3 s bake.
+BAKE = "12s"
+
+
 def _spec(name: str, **overrides: Any) -> dict[str, Any]:
     data = base_spec(
         name=name,
         model=name.replace("_", "-"),
-        stages=[{"percent": 20, "bake": "3s"}, {"percent": 50, "bake": "3s"}],
+        stages=[{"percent": 20, "bake": BAKE}, {"percent": 50, "bake": BAKE}],
         guardrails=GUARDRAILS,
         analysis=QUICK_ANALYSIS,
         policies={"inconclusive": "rollback"},
@@ -67,17 +73,17 @@ def _spec(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 SPECS = {
-    "f_clear": _spec("f_clear"),
-    "f_mark_failed": _spec("f_mark_failed", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": "3s"}]),
+    "f_clear": _spec("f_clear", stages=[{"percent": 50, "bake": BAKE}]),
+    "f_mark_failed": _spec("f_mark_failed", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": BAKE}]),
     "f_mark_success": _spec("f_mark_success", approval={"before_final_stage": True, "timeout": "30m"}),
-    "f_delete": _spec("f_delete", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": "3s"}]),
-    "f_stale": _spec("f_stale", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": "3s"}]),
+    "f_delete": _spec("f_delete", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": BAKE}]),
+    "f_stale": _spec("f_stale", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": BAKE}]),
     "f_kill": _spec(
         "f_kill",
         router={"kind": "webhook", "conn_id": "fault_router", "retries": 0, "timeout": "60s"},
-        stages=[{"percent": 20, "bake": "6s"}, {"percent": 50, "bake": "3s"}],
+        stages=[{"percent": 20, "bake": BAKE}, {"percent": 50, "bake": BAKE}],
     ),
-    "f_edit": _spec("f_edit", stages=[{"percent": 20, "bake": "20s"}, {"percent": 50, "bake": "3s"}]),
+    "f_edit": _spec("f_edit", stages=[{"percent": 20, "bake": "20s"}, {"percent": 50, "bake": BAKE}]),
 }
 
 

@@ -74,17 +74,13 @@ def refusal(status: Status, holds_lock: bool, action: Action) -> str | None:
     return None
 
 
-def _describe(split: Split | None) -> str:
+def describe(split: Split | None) -> str:
+    """``v1 90 %, v2 10 % (set by <rollout>)``: a split as the audit rows and messages show it."""
     if split is None:
         return "no split"
     canary = f", {split.canary_version} {split.canary_percent:g} %" if split.canary_version else ""
     owner = f" (set by {split.owner})" if split.owner else ""
     return f"{split.baseline_version} {split.share(split.baseline_version):g} %{canary}{owner}"
-
-
-def describe(split: Split | None) -> str:
-    """``v1 90 %, v2 10 % (set by <rollout>)``: a split as the audit rows and messages show it."""
-    return _describe(split)
 
 
 def serves_alone(split: Split | None, version: str) -> bool:
@@ -104,13 +100,13 @@ def start_refusal(current: Split | None, canary: str, baseline: str | None) -> s
     if current.canary_version and current.canary_percent > 0:
         left = f"left by {current.owner}" if current.owner else "left by an unknown owner"
         return (
-            f"a canary still has traffic: {_describe(current)}, {left}; roll it back first "
+            f"a canary still has traffic: {describe(current)}, {left}; roll it back first "
             f"(mlcanary abort --rollout {current.owner or 'ID'} --reason ...)"
         )
     if baseline is not None and baseline != current.baseline_version:
         return (
             f"baseline {baseline} was asked for, but the router reports {current.baseline_version} serving "
-            f"({_describe(current)}): leave the baseline empty, or name the version that serves"
+            f"({describe(current)}): leave the baseline empty, or name the version that serves"
         )
     if canary == current.baseline_version:
         return f"the candidate {canary} already serves all the traffic"
@@ -136,7 +132,7 @@ def step_refusal(before: Split | None, rollout_id: str, baseline: str, canary: s
         return None
     if first and (before is None or (before.baseline_version == baseline and serves_alone(before, baseline))):
         return None
-    return f"the router reports {_describe(before)}, which this rollout did not set: it changes nothing"
+    return f"the router reports {describe(before)}, which this rollout did not set: it changes nothing"
 
 
 def rollback_refusal(before: Split | None, rollout_id: str, baseline: str, canary: str) -> str | None:
@@ -152,7 +148,7 @@ def rollback_refusal(before: Split | None, rollout_id: str, baseline: str, canar
     if serves_alone(before, canary) and before.baseline_version == canary:
         return f"{canary} serves alone as the baseline (it was promoted): rolling back would put {baseline} back"
     if before.owner != rollout_id:
-        return f"the router reports {_describe(before)}, which this rollout did not set: it changes nothing"
+        return f"the router reports {describe(before)}, which this rollout did not set: it changes nothing"
     return None
 
 
@@ -178,11 +174,11 @@ def final_state(status: Status, split: Split | None, read_error: str | None, can
         if abs(share - 100.0) < 0.01:
             return FinalState(Status.PROMOTED, True)
         return FinalState(
-            Status.SPLIT_MISMATCH, False, f"{canary} was promoted, but the platform reports {_describe(split)}"
+            Status.SPLIT_MISMATCH, False, f"{canary} was promoted, but the platform reports {describe(split)}"
         )
     if share == 0.0:
         return FinalState(Status.ROLLED_BACK, True)
-    return FinalState(Status.ROLLBACK_FAILED, False, f"the canary still has traffic: {_describe(split)}")
+    return FinalState(Status.ROLLBACK_FAILED, False, f"the canary still has traffic: {describe(split)}")
 
 
 def stale_reason(status: Status, run_state: str | None) -> str | None:

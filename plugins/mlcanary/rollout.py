@@ -677,8 +677,8 @@ def finish(engine: Engine, router: Router, ref: RolloutRef) -> Finish:
     )
     values: dict[str, Any] = {"status": state.status.value}
     reason = row.reason
-    if state.problem:
-        reason = f"{state.problem}" + (f" (after: {row.reason})" if row.reason else "")
+    if state.problem and state.problem not in (row.reason or ""):
+        reason = state.problem + (f" (after: {row.reason})" if row.reason else "")
     elif row.status in (Status.RUNNING, Status.ROLLING_BACK) and state.status is Status.ROLLED_BACK:
         reason = row.reason or "ended without a decision; the canary has no traffic"
     if state.safe:
@@ -692,7 +692,8 @@ def finish(engine: Engine, router: Router, ref: RolloutRef) -> Finish:
         if state.safe and not ref.dry_run and row.status is Status.RUNNING and state.status is Status.ROLLED_BACK:
             registry.mark(conn, ref.model, ref.canary_version, "failed", ref.rollout_id, (reason or "")[:500])
         ended = get_rollout(conn, ref.rollout_id)
-    assert ended is not None
+    if ended is None:  # deleted from under us: nothing to report on
+        raise StepRefused(f"the rollout {ref.rollout_id} disappeared while it was finished")
     return Finish(ended, split, state, released=state.safe)
 
 
