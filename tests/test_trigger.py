@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import json
 import time
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,12 @@ from mlcanary_airflow.triggers import GuardrailTrigger
 
 
 def _trigger(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bake: float, limit: float, **guardrails: Any
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bake: float,
+    limit: float,
+    started_ago: float = 120,
+    **guardrails: Any,
 ) -> GuardrailTrigger:
     monkeypatch.setenv(
         "AIRFLOW_CONN_MLCANARY_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "warehouse.db")})
@@ -33,6 +39,7 @@ def _trigger(
         canary_version="v2",
         bake_seconds=bake,
         deadline_epoch=time.time() + limit,
+        stage_started_epoch=time.time() - started_ago,
     )
 
 
@@ -130,3 +137,158 @@ def test_source_errors_are_retried_then_fail_closed(
         rows = conn.execute(sa.select(measurements).order_by(measurements.c.id)).all()
     assert [(r.check_name, r.verdict) for r in rows] == [("metric_source", "INVALID")] * 4
     assert rows[0].reason.startswith("metric source error 1 of 4 in a row: MetricSourceError: Prometheus at")
+
+
+class SteppingClock:
+    """A fake clock for the trigger: each sleep passes at once; the wall clock steps by ``steps[k]``
+    (seconds, forward or back) on the k-th sleep, the monotonic clock never steps."""
+
+    def __init__(self, steps: dict[int, float] | None = None, stop_at: int | None = None) -> None:
+        self.w, self.m, self.sleeps = time.time(), 1000.0, 0
+        self.steps, self.stop_at = steps or {}, stop_at
+
+    def wall(self) -> float:
+        return self.w
+
+    def monotonic(self) -> float:
+        return self.m
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        if self.sleeps == self.stop_at:
+            raise TriggererStopped  # the triggerer process dies here
+        self.w += seconds + self.steps.get(self.sleeps, 0.0)
+        self.m += seconds
+        await asyncio.sleep(0)
+
+
+class TriggererStopped(Exception):
+    pass
+
+
+def _use(clock: SteppingClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlcanary_airflow import triggers
+
+    monkeypatch.setattr(triggers, "CLOCK", triggers.Clock(clock.wall, clock.monotonic, clock.sleep))
+
+
+@pytest.mark.parametrize("step", [600.0, -600.0])
+def test_a_clock_that_steps_neither_shortens_nor_stretches_the_bake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer, step: float
+) -> None:
+    """A 10-minute step of the wall clock (forward or back) on the 3rd poll: the 30 s bake still
+    takes 30 s of monotonic time, one poll a second."""
+    from datetime import timedelta
+
+    from mlcanary.warehouse.engine import utcnow
+
+    write_batch(engine, minutes=1.5, rate=200, end=utcnow() + timedelta(seconds=30))
+    clock = SteppingClock({3: step})
+    _use(clock, monkeypatch)
+    event = _first_event(_trigger(tmp_path, monkeypatch, bake=30, limit=3600))
+    assert event["status"] == "healthy"
+    assert 30 <= event["healthy_seconds"] < 31.5
+    assert 31 <= event["polls"] <= 33
+    assert clock.m - 1000.0 == pytest.approx(event["healthy_seconds"], abs=1.5)
+
+
+def test_the_deadline_is_the_wall_clocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer
+) -> None:
+    """The absolute deadline is a wall-clock moment: a step past it ends the watch at that poll."""
+    from datetime import timedelta
+
+    from mlcanary.warehouse.engine import utcnow
+
+    write_batch(engine, minutes=1.5, rate=200, end=utcnow() + timedelta(seconds=30))
+    _use(SteppingClock({4: 4000.0}), monkeypatch)
+    event = _first_event(_trigger(tmp_path, monkeypatch, bake=30, limit=3600))
+    assert event["status"] == "timeout" and event["polls"] == 4
+    assert event["reason"].startswith("deadline passed with 3 s of 30 s baked healthy")
+
+
+def test_a_restarted_trigger_goes_on_from_its_counters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer
+) -> None:
+    """The triggerer dies after 6 polls of a 10 s bake; the trigger rebuilt from its serialized form
+    (as another triggerer does) loads the counters and bakes only what is left, then clears them."""
+    from datetime import timedelta
+
+    from mlcanary import progress
+    from mlcanary.warehouse.engine import utcnow
+
+    write_batch(engine, minutes=1.5, rate=200, end=utcnow() + timedelta(seconds=30))
+    trigger = _trigger(tmp_path, monkeypatch, bake=10, limit=3600)
+    _use(SteppingClock(stop_at=7), monkeypatch)  # the first sleep is the wait for the first poll
+    with pytest.raises(TriggererStopped):
+        _first_event(trigger)
+    with engine.connect() as conn:
+        saved = progress.load(conn, "r", "guardrails:stage_1")
+    assert saved is not None and saved["polls"] == 6 and saved["healthy_seconds"] == 5.0
+    _use(SteppingClock(), monkeypatch)
+    event = _first_event(trigger)
+    assert event["status"] == "healthy" and event["healthy_seconds"] >= 10
+    assert event["polls"] == 6 + 6  # a new stretch of 5 s: the bake lost one interval, it gained none
+    assert _polls(engine) == event["polls"]
+    with engine.connect() as conn:
+        assert progress.load(conn, "r", "guardrails:stage_1") is None  # a cleared task starts afresh
+
+
+def test_the_window_starts_at_the_stages_shift(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer
+) -> None:
+    """A minute of slow canary traffic from the stage before: the new stage's first poll, one
+    interval after its shift, does not see it (no data yet), and no window reaches back before it."""
+    from datetime import datetime
+
+    write_batch(engine, minutes=1, rate=200, faults=("v2:latency_ms=400",))
+    trigger = _trigger(tmp_path, monkeypatch, bake=30, limit=2.5, started_ago=0)
+    shifted = datetime.fromtimestamp(trigger.stage_started_epoch or 0, UTC).replace(tzinfo=None)
+    event = _first_event(trigger)
+    assert event["status"] == "timeout" and "no data" in event["reason"]
+    with engine.connect() as conn:
+        starts = conn.execute(sa.select(measurements.c.window_start)).scalars().all()
+    assert starts and min(starts) >= shifted.replace(microsecond=0)
+
+
+def test_a_hung_source_delays_no_other_rollouts_breach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer
+) -> None:
+    """Two rollouts' triggers on one triggerer: one metric source hangs; the other rollout's breach
+    is caught at its first poll all the same, and the hung one fails closed after its poll limit."""
+    import threading
+
+    from mlcanary_airflow import triggers
+
+    write_batch(engine, minutes=1, rate=200, faults=("v2:latency_ms=400",))
+    release = threading.Event()
+    real = triggers.metric_source
+
+    class Hung:
+        def measure(self, *args: Any) -> Any:
+            release.wait(60)
+            raise RuntimeError("released")
+
+    monkeypatch.setattr(triggers, "metric_source", lambda spec: Hung() if spec.name == "hung" else real(spec))
+    breaching = _trigger(tmp_path, monkeypatch, bake=30, limit=60)
+    hung = _trigger(tmp_path, monkeypatch, bake=30, limit=60, error_limit=1)
+    hung.spec = {**hung.spec, "name": "hung"}
+
+    async def both() -> tuple[dict, float, dict, float]:
+        started = time.monotonic()
+        waiting = asyncio.ensure_future(anext(hung.run()))
+        await asyncio.sleep(0.2)  # the hung poll has started
+        caught = (await anext(breaching.run())).payload
+        caught_after = time.monotonic() - started
+        failed = (await waiting).payload
+        failed_after = time.monotonic() - started
+        release.set()  # before the loop closes: it waits for its threads
+        return caught, caught_after, failed, failed_after
+
+    try:
+        caught, caught_after, failed, failed_after = asyncio.run(both())
+    finally:
+        release.set()
+    assert caught["status"] == "breach" and caught_after < 2
+    assert failed["status"] == "error" and "poll took longer than 5 s" in failed["reason"]
+    assert 5 <= failed_after < 8

@@ -111,10 +111,16 @@ def evaluate_guardrails(
     canary_version: str,
     at: datetime,
     baseline_version: str | None = None,
+    *,
+    since: datetime | None = None,
 ) -> GuardrailResult:
-    """Check the canary over ``[at - window, at)`` against the spec's limits (and the baseline)."""
+    """Check the canary over ``[at - window, at)`` against the spec's limits (and the baseline); the
+    window never reaches back before ``since`` (the stage's shift: no stage is judged on the traffic
+    of the one before)."""
     g = spec.guardrails
     start, end = at - g.window, at
+    if since is not None and since > start:
+        start = min(since, end)
     canary = source.measure(canary_version, start, end)
     baseline = source.measure(baseline_version, start, end) if baseline_version else None
     relative = g.baseline if baseline is not None else None

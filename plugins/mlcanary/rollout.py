@@ -251,6 +251,15 @@ def shift_to_stage(engine: Engine, router: Router, spec: RolloutSpec, ref: Rollo
     return _step(engine, router, ref, target, f"stage {stage}: canary to {percent:g} %", Action.SHIFT, records)
 
 
+def stage_started_at(conn: Connection, rollout_id: str, stage: int) -> datetime | None:
+    """When the rollout's split moved to ``stage`` (its ``advance`` decision), if that was recorded."""
+    return conn.execute(
+        sa.select(decisions.c.decided_at).where(
+            decisions.c.rollout_id == rollout_id, decisions.c.decision_key == f"advance:{stage}"
+        )
+    ).scalar_one_or_none()
+
+
 def promote(engine: Engine, router: Router, ref: RolloutRef, reason: str) -> Split:
     """Canary to 100 %, then make it the model's baseline (the registry's too)."""
     full = Split(ref.model, ref.baseline_version, ref.canary_version, 100.0)

@@ -25,15 +25,37 @@ def _tune_sqlite(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
     cur.close()
 
 
+CONNECT_TIMEOUT_S = 10  # a warehouse that does not answer is an error after this, not a hang
+STATEMENT_TIMEOUT_S = 300  # PostgreSQL: no query (a poll, a look) runs longer; a lock wait included
+
+
+def _timeouts(parsed: URL) -> dict[str, object]:
+    """Connect and statement timeouts for the dialects that take them as connect arguments; a value
+    in the URL's query (``?connect_timeout=...``, ``?options=-c statement_timeout=...``) wins, and
+    other ``options`` in the URL (a ``search_path``) are kept."""
+    if parsed.get_backend_name() == "sqlite":
+        return {"timeout": 30}  # the wait for a writer's lock
+    if parsed.get_backend_name() != "postgresql":
+        return {}
+    args: dict[str, object] = {}
+    if "connect_timeout" not in parsed.query:
+        args["connect_timeout"] = CONNECT_TIMEOUT_S
+    options = parsed.query.get("options", "")
+    options = options if isinstance(options, str) else " ".join(options)
+    if "statement_timeout" not in options:
+        args["options"] = f"{options} -c statement_timeout={STATEMENT_TIMEOUT_S * 1000}".strip()
+    return args
+
+
 @functools.cache
 def make_engine(url: str) -> Engine:
-    """One engine per URL and process (engines pool their connections)."""
+    """One engine per URL and process (engines pool their connections), with timeouts."""
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(parsed, connect_args={"timeout": 30})
+        engine = sa.create_engine(parsed, connect_args=_timeouts(parsed))
         sa.event.listen(engine, "connect", _tune_sqlite)
         return engine
-    return sa.create_engine(parsed, pool_pre_ping=True)
+    return sa.create_engine(parsed, pool_pre_ping=True, connect_args=_timeouts(parsed))
 
 
 def utcnow() -> datetime:

@@ -140,6 +140,18 @@ decisions = sa.Table(
 )
 
 
+# Where a long wait stands (a stage's guardrail counters, an analysis' failing looks and extension),
+# so a restarted trigger or a retried task goes on from it. One row per rollout and wait.
+progress = sa.Table(
+    "mlcanary_progress",
+    metadata,
+    sa.Column("rollout_id", sa.String(250), primary_key=True),
+    sa.Column("wait", sa.String(250), primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),  # JSON
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+
 registry = sa.Table(
     "mlcanary_registry",
     metadata,
@@ -160,7 +172,7 @@ def create_schema(engine: Engine, *, contract: bool = True) -> None:
     Idempotent: existing tables are kept; columns and indexes that mlcanary's own tables gained
     since they were created are added (all of them nullable, so old rows stay valid).
     """
-    own = [rollouts, traffic_split, traffic_history, measurements, decisions, registry]
+    own = [rollouts, traffic_split, traffic_history, measurements, decisions, registry, progress]
     tables = own + ([predictions, resource_metrics] if contract else [])
     metadata.create_all(engine, tables=tables, checkfirst=True)
     _add_missing(engine, own)
