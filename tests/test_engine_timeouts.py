@@ -23,9 +23,8 @@ def test_a_database_that_accepts_but_never_answers_is_an_error_after_the_connect
         port = silent.getsockname()[1]
         eng = engines.make_engine(f"postgresql://nobody@127.0.0.1:{port}/x?application_name={uuid.uuid4().hex}")
         started = time.monotonic()
-        with pytest.raises(sa.exc.OperationalError, match="timeout"):
-            with eng.connect():
-                pass
+        with pytest.raises(sa.exc.OperationalError, match="timeout"), eng.connect():
+            pass
         assert time.monotonic() - started < 3
 
 
@@ -33,9 +32,8 @@ def test_a_statement_longer_than_the_limit_is_cancelled(pg_base_url: str, monkey
     monkeypatch.setattr(engines, "STATEMENT_TIMEOUT_S", 1)
     eng = engines.make_engine(f"{pg_base_url}?application_name={uuid.uuid4().hex}")
     started = time.monotonic()
-    with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
-        with eng.connect() as conn:
-            conn.execute(sa.text("select pg_sleep(10)"))
+    with pytest.raises(sa.exc.OperationalError, match="statement timeout"), eng.connect() as conn:
+        conn.execute(sa.text("select pg_sleep(10)"))
     assert time.monotonic() - started < 4
     eng.dispose()
 
