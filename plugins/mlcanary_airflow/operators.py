@@ -20,7 +20,7 @@ from airflow.sdk.bases.branch import BranchMixIn
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from sqlalchemy.engine import Engine
 
-from mlcanary import registry
+from mlcanary import progress, registry
 from mlcanary import rollout as steps
 from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.audit import last_decision, record_checks, record_decision
@@ -250,11 +250,15 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         return self.spec.policies.for_verdict(invalid=verdict is Verdict.INVALID)
 
     def execute(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        rollout = self.rollout(context, Action.LOOK)  # a rollout rolling back goes no further
+        wait = f"analysis:{self.task_id}"
+        if event is None:  # a first look, or a retry after a worker died: go on from the last saved look
+            with self.engine.connect() as conn:
+                event = progress.load(conn, rollout.rollout_id, wait)
         state = event or {}  # what the previous look handed over (see LookAgainTrigger)
         first_look: float = state.get("first_look") or time.time()
         fails: int = state.get("fails", 0)
         look: int = state.get("look", 0) + 1
-        rollout = self.rollout(context, Action.LOOK)  # a rollout rolling back goes no further
         with self.engine.connect() as conn:
             window = AnalysisWindow.ending_at(self.spec, utcnow(), not_before=rollout.started_at)
             result = analyze(conn, self.spec, rollout.baseline_version, rollout.canary_version, window)
@@ -291,10 +295,14 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
                 self.decide(rollout, nxt.action, nxt.reason, self.stage, result.verdict, key=key)
                 confirmed = fails + 1 if nxt.action == "confirm" else 0
                 handover = {"first_look": first_look, "fails": confirmed, "look": look}
+                with self.engine.begin() as conn:
+                    progress.save(conn, rollout.rollout_id, wait, handover)
                 self.defer(
                     trigger=LookAgainTrigger(at_epoch=time.time() + a.interval.total_seconds(), state=handover),
                     method_name="execute",
                 )
+        with self.engine.begin() as conn:
+            progress.clear(conn, rollout.rollout_id, wait)
         return {"verdict": result.verdict.value, "reason": result.reason, "flags": result.flags}
 
 
