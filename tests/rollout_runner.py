@@ -45,8 +45,33 @@ class Outcome:
     guardrail_polls: int
 
 
+def _answer_hitl_requests_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dag.test()`` runs triggers in process, on a supervisor that lacks the triggerer's two
+    human-in-the-loop handlers (Airflow 3.3: its own HITL tasks no longer use a trigger). Give it
+    the triggerer's (``TriggerRunnerSupervisor._handle_request``), which our guarded questions use."""
+    from airflow.jobs.triggerer_job_runner import HITLDetailResponseResult
+    from airflow.sdk.execution_time.comms import GetHITLDetailResponse, UpdateHITLDetail
+    from airflow.sdk.execution_time.supervisor import InProcessTestSupervisor
+
+    original = InProcessTestSupervisor._handle_request
+
+    def handle(self: Any, msg: Any, log: Any, req_id: int) -> None:
+        if isinstance(msg, UpdateHITLDetail):
+            api = self.client.hitl.update_response(
+                ti_id=msg.ti_id, chosen_options=msg.chosen_options, params_input=msg.params_input
+            )
+        elif isinstance(msg, GetHITLDetailResponse):
+            api = self.client.hitl.get_detail_response(ti_id=msg.ti_id)
+        else:
+            return original(self, msg, log, req_id)
+        self.send_msg(HITLDetailResponseResult.from_api_response(response=api), request_id=req_id, error=None)
+
+    monkeypatch.setattr(InProcessTestSupervisor, "_handle_request", handle)
+
+
 def load_dag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: dict[str, Any]):  # type: ignore[no-untyped-def]
     """The DAG as Airflow sees it: the spec in a spec folder, built by the real factory file."""
+    _answer_hitl_requests_in_process(monkeypatch)
     spec_dir = tmp_path / "specs"
     spec_dir.mkdir()
     (spec_dir / "unit_ranker.yaml").write_text(yaml.safe_dump(spec))
@@ -72,12 +97,14 @@ def run_rollout(
     run_conf: dict[str, Any] | None = None,
     while_running: Callable[[str, threading.Event], None] | None = None,
     before: Callable[[sa.Engine], None] | None = None,
+    inject: Callable[[sa.Engine, SimConfig, threading.Event], None] | None = None,
     **spec_overrides: Any,
 ) -> Outcome:
     """One whole rollout through ``dag.test()`` against the live simulator.
 
     ``while_running(dag_id, done)`` runs beside the DAG (a person answering, say) until ``done`` is set;
-    ``before(engine)`` prepares the warehouse (the registry, say) before the run starts.
+    ``before(engine)`` prepares the warehouse (the registry, say) before the run starts;
+    ``inject(engine, config, done)`` runs beside it too and may add faults to the running simulator.
     """
     engine, router = warehouse(tmp_path, monkeypatch)
     router.set_split(Split(MODEL, "v1", None, 0.0), None)
@@ -92,15 +119,18 @@ def run_rollout(
         overrides = {"analysis": E2E_ANALYSIS, "policies": E2E_POLICIES, **spec_overrides}
         dag = load_dag(tmp_path, monkeypatch, base_spec(**overrides))
         done = threading.Event()
-        helper = None
-        if while_running is not None:  # dag.test() needs the main thread (signal handlers): the helper gets another
-            helper = threading.Thread(target=while_running, args=(dag.dag_id, done), daemon=True)
+        helpers = []  # dag.test() needs the main thread (signal handlers): the helpers get others
+        if while_running is not None:
+            helpers.append(threading.Thread(target=while_running, args=(dag.dag_id, done), daemon=True))
+        if inject is not None:
+            helpers.append(threading.Thread(target=inject, args=(engine, config, done), daemon=True))
+        for helper in helpers:
             helper.start()
         try:
             dag_run = dag.test(run_conf={"candidate_version": "v2"} if run_conf is None else run_conf)
         finally:
             done.set()
-            if helper is not None:
+            for helper in helpers:
                 helper.join(timeout=30)
     finally:
         sim.stop_event.set()

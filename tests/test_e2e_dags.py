@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from conftest import base_spec
 from mlcanary.routers.base import Split
+from mlcanary.simulator import Fault, SimConfig
 from mlcanary.warehouse.engine import make_engine
-from mlcanary.warehouse.schema import predictions, rollouts, traffic_history
+from mlcanary.warehouse.schema import decisions, predictions, rollouts, traffic_history
 from rollout_runner import E2E_ANALYSIS, MODEL, load_dag, run_rollout, warehouse
 
 pytestmark = pytest.mark.e2e
@@ -171,3 +174,42 @@ def test_extension_ends_at_max_extension_and_rolls_back(
     assert out.rollout.reason.startswith("final analysis INCONCLUSIVE (policy extend: max_extension reached)")
     assert out.task_states["decide"] == "success" and out.task_states["rollback"] == "success"
     assert time.monotonic() - started < 90
+
+
+def _when_decided(action: str, fault: str, injected: list[float]) -> Any:
+    """Add ``fault`` to the running simulator as soon as a decision ``action`` is recorded."""
+
+    def inject(engine: sa.Engine, config: SimConfig, done: threading.Event) -> None:
+        while not done.wait(0.2):
+            with engine.connect() as conn:
+                if conn.execute(sa.select(decisions.c.id).where(decisions.c.action == action)).first():
+                    config.faults.append(Fault.parse(fault))
+                    injected.append(time.time())
+                    return
+
+    return inject
+
+
+def test_a_breach_during_an_extension_rolls_back_within_one_interval(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final analysis is INCONCLUSIVE and extends; while it waits for its next look, the
+    canary's latency jumps: the guardrails, still polling, roll it back before the next look."""
+    analysis = {**E2E_ANALYSIS, "min_samples": 10_000_000, "interval": "20s"}
+    injected: list[float] = []
+    out = run_rollout(
+        tmp_path,
+        monkeypatch,
+        analysis=analysis,
+        policies={"inconclusive": "extend", "max_extension": "60s"},
+        inject=_when_decided("extend", "v2:latency_ms=400", injected),
+    )
+    assert injected, "the analysis never extended"
+    assert out.rollout.status == "rolled_back"
+    assert out.rollout.reason.startswith("guardrails stage 3 breach: p99_latency_ms")
+    assert "while the analysis waited for its next look" in out.rollout.reason
+    assert out.split.share("v2") == 0.0
+    rollback = next(d for d in out.decisions if d.action == "rollback")
+    reaction = rollback.decided_at.replace(tzinfo=UTC).timestamp() - injected[0]
+    assert reaction < 1 + 2 + 1  # one guardrail interval, the simulator's tick and window filling, a poll
+    assert [d.action for d in out.decisions].count("extend") == 1  # no second look: the wait ended first

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,18 @@ def api(airflow_db: None) -> Any:
 
 
 def _awaiting(dag_id: str) -> tuple[str, str] | None:
-    """(run id, task id) of a task of ``dag_id`` waiting for a person, if any."""
+    """(run id, task id) of a task of ``dag_id`` waiting for a person, if any: its question has no
+    answer yet (the task waits deferred, watched by the guardrails)."""
+    from airflow.models.hitl import HITLDetail
     from airflow.models.taskinstance import TaskInstance as TI
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        ti = session.scalars(sa.select(TI).where(TI.dag_id == dag_id, TI.state == "awaiting_input")).first()
+        ti = session.scalars(
+            sa.select(TI)
+            .join(HITLDetail, HITLDetail.ti_id == TI.id)
+            .where(TI.dag_id == dag_id, HITLDetail.responded_at.is_(None))
+        ).first()
         return None if ti is None else (ti.run_id, ti.task_id)
 
 
@@ -228,3 +235,34 @@ def test_scheduled_run_without_a_candidate_skips_cleanly(
     said = capfd.readouterr()
     text = said.out + said.err
     assert text.count("no new candidate for unit-ranker in the registry: nothing to roll out") >= 1
+
+
+def test_a_breach_while_waiting_for_approval_rolls_back_and_closes_the_question(
+    api: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody answers the approval (timeout 5 min); meanwhile the canary's latency jumps. The
+    guardrails, still watching stage 2, roll it back within about one interval and answer the
+    question themselves (Reject, by nobody): it leaves Required Actions."""
+    from airflow.models.hitl import HITLDetail
+    from airflow.utils.session import create_session
+
+    from test_e2e_dags import _when_decided
+
+    injected: list[float] = []
+    out = run_rollout(
+        tmp_path,
+        monkeypatch,
+        approval={"before_final_stage": True, "timeout": "5m"},
+        inject=_when_decided("ask", "v2:latency_ms=400", injected),
+    )
+    assert injected, "the approval was never asked"
+    assert out.state == "failed" and out.rollout.status == "rolled_back"
+    assert out.rollout.reason.startswith("guardrails stage 2 breach: p99_latency_ms")
+    assert out.rollout.reason.endswith("(while waiting for approval of the final stage)")
+    assert out.split.share("v2") == 0.0 and 60.0 not in out.traffic
+    rollback = next(d for d in out.decisions if d.action == "rollback")
+    assert rollback.decided_at.replace(tzinfo=UTC).timestamp() - injected[0] < 1 + 2 + 1
+    with create_session() as session:
+        detail = session.scalars(sa.select(HITLDetail)).all()[-1]
+        assert detail.responded_at is not None and detail.chosen_options == ["Reject"]
+        assert detail.responded_by is None  # answered by the guardrails, not a person

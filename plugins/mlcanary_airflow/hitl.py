@@ -1,5 +1,6 @@
-"""People in the loop, with Airflow's human-in-the-loop operators (tasks wait in ``awaiting_input``,
-answered in the UI's Required Actions or through the REST API).
+"""People in the loop, with Airflow's human-in-the-loop operators (answered in the UI's Required
+Actions or through the REST API). The task waits deferred while the guardrails keep polling the
+stage in force: a breach rolls back at once and closes the question.
 
 - :class:`ApproveFinalStageOperator`: Approve / Reject before the last traffic step (spec ``approval``).
 - :class:`DecideOperator`: after the last stage, promote on PASS; otherwise the spec's policy: roll back,
@@ -11,16 +12,20 @@ the decisions table with who gave it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLBranchOperator, HITLOperator
 from airflow.sdk import Context
 from airflow.sdk.bases.notifier import BaseNotifier
+from airflow.sdk.execution_time.hitl import upsert_hitl_detail
+from airflow.sdk.timezone import utcnow
 
-from mlcanary.lifecycle import Action, Step, final_decision
+from mlcanary.lifecycle import Action, Step, after_guardrails, final_decision
+from mlcanary.rollout import RolloutRef
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import Verdict
 from mlcanary_airflow.operators import RolloutTaskMixin
+from mlcanary_airflow.triggers import GuardedHITLTrigger
 
 PROMOTE, EXTEND, ROLL_BACK = "Promote", "Extend", "Roll back"
 
@@ -36,7 +41,62 @@ def _assignees(spec: RolloutSpec) -> list[dict[str, str]] | None:
     return [{"id": u, "name": u} for u in spec.approval.assignees] or None
 
 
-class ApproveFinalStageOperator(RolloutTaskMixin, ApprovalOperator):
+class GuardedQuestion(RolloutTaskMixin):
+    """Ask the question while the guardrails keep watching the stage in force
+    (:class:`~mlcanary_airflow.triggers.GuardedHITLTrigger`), instead of Airflow 3.3's unwatched
+    ``awaiting_input``: the task defers, and the question is listed under Required Actions."""
+
+    def ask(self, context: Context, rollout: RolloutRef, stage: int, reject: str) -> NoReturn:
+        op: Any = self  # a HITLOperator
+        ti_id = context["task_instance"].id
+        upsert_hitl_detail(
+            ti_id=ti_id,
+            options=op.options,
+            subject=op.subject,
+            body=op.body,
+            defaults=op.defaults,
+            multiple=op.multiple,
+            params=op.serialized_params,
+            assigned_users=op.assigned_users,
+        )
+        timeout = utcnow() + op.response_timeout if op.response_timeout else None
+        op.hitl_summary_extra["timeout_datetime"] = timeout.isoformat() if timeout else None
+        for notifier in op.notifiers:
+            notifier(context)
+        hitl = dict(
+            ti_id=ti_id,
+            options=op.options,
+            defaults=op.defaults,
+            params=op.serialized_params,
+            multiple=op.multiple,
+            timeout_datetime=timeout,
+            poke_interval=min(5.0, self.spec.guardrails.interval.total_seconds()),
+        )
+        op.defer(
+            trigger=GuardedHITLTrigger(
+                hitl=hitl,
+                reject=reject,
+                spec=self.spec_data,
+                rollout_id=rollout.rollout_id,
+                stage=stage,
+                baseline_version=rollout.baseline_version,
+                canary_version=rollout.canary_version,
+                stage_started_epoch=self.stage_started_epoch(rollout, stage),
+            ),
+            method_name="execute_complete",
+        )
+        raise AssertionError("defer() raises")  # pragma: no cover
+
+
+def _breach(event: dict[str, Any], stage: int, waiting_for: str) -> str | None:
+    """Why the guardrails ended the question, if they did."""
+    g = event.get("guardrails")
+    if not g:
+        return None
+    return after_guardrails(g["status"], f"{g['reason']} (while waiting for {waiting_for})", stage).reason
+
+
+class ApproveFinalStageOperator(GuardedQuestion, ApprovalOperator):
     """Ask a person before the final stage; Reject (or no answer in time) rolls the canary back."""
 
     def __init__(self, *, spec: dict[str, Any], notifiers: list[BaseNotifier] | None = None, **kwargs: Any) -> None:
@@ -61,7 +121,7 @@ class ApproveFinalStageOperator(RolloutTaskMixin, ApprovalOperator):
         rollout = self.rollout(context, Action.LOOK)  # skips when the rollout never started or ended
         stage = len(self.spec.stages) - 1
         self.decide(rollout, "ask", "waiting for approval of the final stage", stage, key="ask:approval")
-        return super().execute(context)
+        self.ask(context, rollout, stage, ApprovalOperator.REJECT)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         # Record first: on Reject the base class skips the final stage by raising (Airflow 3's skip).
@@ -69,14 +129,17 @@ class ApproveFinalStageOperator(RolloutTaskMixin, ApprovalOperator):
             ref = self.ref(context)
             who = _who(event, self.spec.approval.timeout)
             stage = len(self.spec.stages) - 1
-            if event["chosen_options"] == [ApprovalOperator.APPROVE]:
+            breach = _breach(event, stage, "approval of the final stage")
+            if breach:
+                self.roll_back_now(context, ref, breach)
+            elif event["chosen_options"] == [ApprovalOperator.APPROVE]:
                 self.decide(ref, "approve", f"final stage approved {who}", stage, key="approve")
             else:
                 self.roll_back_now(context, ref, f"final stage not approved: Reject {who}")
         return super().execute_complete(context, event)
 
 
-class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
+class DecideOperator(GuardedQuestion, HITLBranchOperator):
     """Promote on a final PASS. Otherwise apply the policy for the verdict: ``rollback`` (or an
     ``extend`` that ran out) skips the promotion so the rollback task acts; ``ask`` waits for a person."""
 
@@ -127,7 +190,7 @@ class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
                     f"**{verdict.value}**: {final.get('reason')}\n\nPromote it, Extend the analysis (then decided "
                     f"automatically), or Roll back. No answer within {p.ask_timeout} rolls back."
                 )
-                return HITLOperator.execute(self, context)  # waits in awaiting_input
+                self.ask(context, rollout, stage, ROLL_BACK)  # defers, watched by the guardrails
         self.log.info(nxt.reason)
         self.roll_back_now(context, rollout.ref, nxt.reason)
         return self.do_branch(context, None)  # skip the promotion: the rollback is done
@@ -139,7 +202,7 @@ class DecideOperator(RolloutTaskMixin, HITLBranchOperator):
         who = f"{choice} chosen {_who(result, self.spec.policies.ask_timeout)}"
         stage = len(self.spec.stages)
         if choice == ROLL_BACK:
-            self.roll_back_now(context, ref, who)
+            self.roll_back_now(context, ref, _breach(event, stage, "a person's decision") or who)
             return self.do_branch(context, None)
         self.decide(ref, {PROMOTE: "promote_chosen", EXTEND: "extend"}[choice], who, stage, key=f"answer:{choice}")
         return self.do_branch(context, self.options_mapping.get(choice))

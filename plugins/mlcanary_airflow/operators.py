@@ -11,7 +11,7 @@ skip or fail.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 from functools import cached_property
 from typing import Any, NoReturn
 
@@ -24,7 +24,7 @@ from mlcanary import progress, registry
 from mlcanary import rollout as steps
 from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.audit import last_decision, record_checks, record_decision
-from mlcanary.lifecycle import Action, Next, Status, Step, after_look, describe, refusal
+from mlcanary.lifecycle import Action, Next, Status, Step, after_guardrails, after_look, describe, refusal
 from mlcanary.mlflow_alias import promote_alias
 from mlcanary.report import format_report, rollout_report
 from mlcanary.routers.base import Router
@@ -34,7 +34,7 @@ from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import create_schema
 from mlcanary_airflow import snapshots
 from mlcanary_airflow.hooks import WarehouseHook, mlflow_client, router_for
-from mlcanary_airflow.triggers import LookAgainTrigger
+from mlcanary_airflow.triggers import GuardedWaitTrigger
 
 BEGIN = "validate_and_lock"  # its XCom is the rollout's RolloutRef: what a rollback needs
 PENDING = "mlcanary_rollback"  # XCom of a task that rolled back but could not record it (or why it rolled back)
@@ -124,6 +124,28 @@ class RolloutTaskMixin:
             self.log.warning("mlcanary: rolled back: %s (%s)", reason, done.records.note)
             if not done.recorded:
                 context["ti"].xcom_push(key=PENDING, value=done.records.to_dict())
+
+    def stage_started_epoch(self, rollout: steps.RolloutRef, stage: int) -> float:
+        """When the split moved to ``stage``; not recorded (the step's records were lost): now, which
+        is later than the shift, never earlier."""
+        with self.engine.connect() as conn:
+            shifted = steps.stage_started_at(conn, rollout.rollout_id, stage)
+        return time.time() if shifted is None else shifted.replace(tzinfo=UTC).timestamp()
+
+    def guarded_wait(
+        self, rollout: steps.RolloutRef, stage: int, at_epoch: float, state: dict[str, Any]
+    ) -> GuardedWaitTrigger:
+        """A wait until ``at_epoch`` during which the guardrails keep watching ``stage``."""
+        return GuardedWaitTrigger(
+            at_epoch=at_epoch,
+            state=state,
+            spec=self.spec_data,
+            rollout_id=rollout.rollout_id,
+            stage=stage,
+            baseline_version=rollout.baseline_version,
+            canary_version=rollout.canary_version,
+            stage_started_epoch=self.stage_started_epoch(rollout, stage),
+        )
 
     def stop(self, context: Context, ref: steps.RolloutRef, nxt: Next) -> NoReturn:
         """The state machine said roll back: do it now, then fail this task (no retries)."""
@@ -255,7 +277,11 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         if event is None:  # a first look, or a retry after a worker died: go on from the last saved look
             with self.engine.connect() as conn:
                 event = progress.load(conn, rollout.rollout_id, wait)
-        state = event or {}  # what the previous look handed over (see LookAgainTrigger)
+        state = event or {}  # what the previous look handed over (see GuardedWaitTrigger)
+        if state.get("guardrails"):  # the guardrails ended the wait for this look
+            g = state["guardrails"]
+            why = f"{g['reason']} (while the analysis waited for its next look)"
+            self.stop(context, rollout.ref, after_guardrails(g["status"], why, self.stage))
         first_look: float = state.get("first_look") or time.time()
         fails: int = state.get("fails", 0)
         look: int = state.get("look", 0) + 1
@@ -297,10 +323,8 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
                 handover = {"first_look": first_look, "fails": confirmed, "look": look}
                 with self.engine.begin() as conn:
                     progress.save(conn, rollout.rollout_id, wait, handover)
-                self.defer(
-                    trigger=LookAgainTrigger(at_epoch=time.time() + a.interval.total_seconds(), state=handover),
-                    method_name="execute",
-                )
+                at = time.time() + a.interval.total_seconds()
+                self.defer(trigger=self.guarded_wait(rollout, self.stage, at, handover), method_name="execute")
         with self.engine.begin() as conn:
             progress.clear(conn, rollout.rollout_id, wait)
         return {"verdict": result.verdict.value, "reason": result.reason, "flags": result.flags}

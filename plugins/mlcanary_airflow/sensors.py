@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from mlcanary import rollout as steps
 from mlcanary.lifecycle import Action, Step, after_guardrails
 from mlcanary_airflow.operators import RolloutTaskMixin
 from mlcanary_airflow.triggers import GuardrailTrigger
@@ -34,10 +33,7 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
         rollout = self.rollout(context, Action.LOOK)
         bake = self.spec.stages[self.stage - 1].bake.total_seconds()
         limit = bake + self.spec.guardrails.deadline_margin.total_seconds()
-        with self.engine.connect() as conn:
-            shifted = steps.stage_started_at(conn, rollout.rollout_id, self.stage)
-        # Not recorded (the step's records were lost): from now on, later than the shift, never earlier.
-        started = time.time() if shifted is None else shifted.replace(tzinfo=UTC).timestamp()
+        started = self.stage_started_epoch(rollout, self.stage)
         self.defer(
             trigger=GuardrailTrigger(
                 spec=self.spec_data,

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from airflow.providers.standard.triggers.hitl import HITLTrigger
+from airflow.sdk.execution_time.hitl import update_hitl_detail_response
+from airflow.sdk.timezone import utcnow as hitl_utcnow
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from sqlalchemy.engine import Engine
 
@@ -19,7 +22,7 @@ from mlcanary.sources import MetricSource
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import utcnow
-from mlcanary.watch import WatchState, after_error, after_poll, past_deadline
+from mlcanary.watch import Ended, WatchState, after_error, after_poll, past_deadline
 from mlcanary_airflow.hooks import WarehouseHook, metric_source
 
 _T = TypeVar("_T")
@@ -38,17 +41,14 @@ class Clock:
 CLOCK = Clock()
 
 
-class GuardrailTrigger(BaseTrigger):
-    """Poll every ``guardrails.interval``, from one interval after the stage's shift, until the
-    watch (:mod:`mlcanary.watch`) ends it: ``healthy``, ``breach``, ``no_data``, ``error`` or
-    ``timeout`` (``deadline_epoch``, absolute, enforced here, so ``dag.test()`` and a moved trigger
-    behave the same).
+class _GuardrailPolls(BaseTrigger):
+    """What every trigger that watches a stage's guardrails shares: one poll at a time in a thread
+    of its own with a time limit (``max(interval, 5 s)``), so a slow or hung source is this
+    trigger's error and never another rollout's wait; every poll and source error written to the
+    measurements table with the watch's counters (:mod:`mlcanary.progress`), so a restarted
+    trigger goes on from them. The window of a poll starts no earlier than the stage's shift."""
 
-    Each poll runs in a thread of its own with a time limit (``max(interval, 5 s)``): a slow or hung
-    source is this trigger's error, never another rollout's wait. Every poll and every source error
-    is written to the measurements table, with the watch's counters (:mod:`mlcanary.progress`): a
-    restarted trigger goes on from them.
-    """
+    wait_prefix = "guardrails"
 
     def __init__(
         self,
@@ -57,8 +57,6 @@ class GuardrailTrigger(BaseTrigger):
         stage: int,
         baseline_version: str,
         canary_version: str,
-        bake_seconds: float,
-        deadline_epoch: float,
         stage_started_epoch: float | None = None,
     ) -> None:
         super().__init__()
@@ -67,38 +65,33 @@ class GuardrailTrigger(BaseTrigger):
         self.stage = stage
         self.baseline_version = baseline_version
         self.canary_version = canary_version
-        self.bake_seconds = bake_seconds
-        self.deadline_epoch = deadline_epoch
         self.stage_started_epoch = stage_started_epoch
+        self._source: MetricSource | None = None  # built at the first poll, in its thread
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            dict(
-                spec=self.spec,
-                rollout_id=self.rollout_id,
-                stage=self.stage,
-                baseline_version=self.baseline_version,
-                canary_version=self.canary_version,
-                bake_seconds=self.bake_seconds,
-                deadline_epoch=self.deadline_epoch,
-                stage_started_epoch=self.stage_started_epoch,
-            ),
+    def _kwargs(self) -> dict[str, Any]:
+        return dict(
+            spec=self.spec,
+            rollout_id=self.rollout_id,
+            stage=self.stage,
+            baseline_version=self.baseline_version,
+            canary_version=self.canary_version,
+            stage_started_epoch=self.stage_started_epoch,
         )
 
     @property
     def wait(self) -> str:
-        return f"guardrails:stage_{self.stage}"
+        return f"{self.wait_prefix}:stage_{self.stage}"
 
     def _engine(self, spec: RolloutSpec) -> Engine:
         return WarehouseHook(spec.warehouse.conn_id).get_engine()
 
     def _measure(self, spec: RolloutSpec, source: MetricSource | None) -> tuple[MetricSource, GuardrailResult]:
         source = source or metric_source(spec)
-        since = None if self.stage_started_epoch is None else datetime.fromtimestamp(self.stage_started_epoch, UTC)
-        since_naive = None if since is None else since.replace(tzinfo=None)
+        since = None
+        if self.stage_started_epoch is not None:
+            since = datetime.fromtimestamp(self.stage_started_epoch, UTC).replace(tzinfo=None)
         return source, evaluate_guardrails(
-            source, spec, self.canary_version, utcnow(), self.baseline_version, since=since_naive
+            source, spec, self.canary_version, utcnow(), self.baseline_version, since=since
         )
 
     def _record(self, spec: RolloutSpec, checks: list[CheckResult], state: WatchState) -> None:
@@ -150,12 +143,8 @@ class GuardrailTrigger(BaseTrigger):
         """``fn`` in a thread of the loop's pool, never the triggerer's one shared thread."""
         return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout=limit)
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        spec = RolloutSpec.model_validate(self.spec)
-        g = spec.guardrails
-        interval = g.interval.total_seconds()
-        limit = max(interval, 5.0)
-        state = await self._in_thread(limit, self._load, spec)
+    async def _start(self, spec: RolloutSpec) -> WatchState:
+        state = await self._in_thread(self._limit(spec), self._load, spec)
         if state.polls:
             self.log.info(
                 "guardrails stage %d: going on from %d polls, %.0f s baked",
@@ -163,29 +152,70 @@ class GuardrailTrigger(BaseTrigger):
                 state.polls,
                 state.healthy_seconds,
             )
-        source: MetricSource | None = None
+        return state
+
+    @staticmethod
+    def _limit(spec: RolloutSpec) -> float:
+        return max(spec.guardrails.interval.total_seconds(), 5.0)
+
+    async def _poll(
+        self, spec: RolloutSpec, state: WatchState, bake_seconds: float
+    ) -> tuple[WatchState, Ended | None, float, GuardrailResult | None]:
+        """One poll (or one source error): the new counters, how the watch ended if it did, the
+        seconds until the next poll, and the poll's result."""
+        g = spec.guardrails
+        limit = self._limit(spec)
+        polled = CLOCK.monotonic()
+        try:
+            self._source, result = await self._in_thread(limit, self._measure, spec, self._source)
+            new, ended = after_poll(state, g, result.verdict, result.reason, result.missing, polled, bake_seconds)
+            await self._in_thread(limit, self._record, spec, result.checks, new)
+            return new, ended, max(0.0, polled + g.interval.total_seconds() - CLOCK.monotonic()), result
+        except Exception as exc:  # any source failure (or a poll past its limit) is retried, then fails closed
+            what = f"poll took longer than {limit:g} s" if isinstance(exc, TimeoutError) else str(exc)
+            new, ended, delay = after_error(state, g, f"{type(exc).__name__}: {what}")
+            self.log.warning("guardrails stage %d: %s", self.stage, new.reason)
+            await self._in_thread(limit, self._record_error, spec, new)
+            return new, ended, max(0.0, polled + delay - CLOCK.monotonic()), None
+
+
+class GuardrailTrigger(_GuardrailPolls):
+    """Poll every ``guardrails.interval``, from one interval after the stage's shift, until the
+    watch (:mod:`mlcanary.watch`) ends it: ``healthy``, ``breach``, ``no_data``, ``error`` or
+    ``timeout`` (``deadline_epoch``, absolute, enforced here, so ``dag.test()`` and a moved trigger
+    behave the same)."""
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        rollout_id: str,
+        stage: int,
+        baseline_version: str,
+        canary_version: str,
+        bake_seconds: float,
+        deadline_epoch: float,
+        stage_started_epoch: float | None = None,
+    ) -> None:
+        super().__init__(spec, rollout_id, stage, baseline_version, canary_version, stage_started_epoch)
+        self.bake_seconds = bake_seconds
+        self.deadline_epoch = deadline_epoch
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        kwargs = self._kwargs() | {"bake_seconds": self.bake_seconds, "deadline_epoch": self.deadline_epoch}
+        return f"{type(self).__module__}.{type(self).__qualname__}", kwargs
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        spec = RolloutSpec.model_validate(self.spec)
+        interval = spec.guardrails.interval.total_seconds()
+        state = await self._start(spec)
         last: GuardrailResult | None = None
         first = (self.stage_started_epoch or CLOCK.wall()) + interval  # the stage's own traffic only
         await CLOCK.sleep(min(interval, max(0.0, first - CLOCK.wall())))
         while True:
-            polled = CLOCK.monotonic()
-            try:
-                source, result = await self._in_thread(limit, self._measure, spec, source)
-                new, ended = after_poll(
-                    state, g, result.verdict, result.reason, result.missing, polled, self.bake_seconds
-                )
-                await self._in_thread(limit, self._record, spec, result.checks, new)
-                state, last, delay = new, result, interval
-            except Exception as exc:  # any source failure (or a poll past its limit) is retried, then fails closed
-                what = f"poll took longer than {limit:g} s" if isinstance(exc, TimeoutError) else str(exc)
-                state, ended, delay = after_error(state, g, f"{type(exc).__name__}: {what}")
-                self.log.warning("guardrails stage %d: %s", self.stage, state.reason)
-                await self._in_thread(limit, self._record_error, spec, state)
-                last = None
-            wait = max(0.0, polled + delay - CLOCK.monotonic())
+            state, ended, wait, last = await self._poll(spec, state, self.bake_seconds)
             ended = ended or past_deadline(state, CLOCK.wall() + wait, self.deadline_epoch, self.bake_seconds)
             if ended is not None:
-                await self._in_thread(limit, self._clear, spec)
+                await self._in_thread(self._limit(spec), self._clear, spec)
                 yield TriggerEvent(
                     {
                         "status": ended.end.value,
@@ -199,21 +229,104 @@ class GuardrailTrigger(BaseTrigger):
             await CLOCK.sleep(wait)
 
 
-class LookAgainTrigger(BaseTrigger):
-    """Wait until ``at_epoch``, then hand ``state`` back to the task in the event.
+class GuardedWaitTrigger(_GuardrailPolls):
+    """Wait until ``at_epoch`` (the next analysis look) while the guardrails keep polling the stage
+    in force; hand ``state`` back to the task in the event. A breach (or too long without data, or
+    failing sources) ends the wait at once, with ``guardrails`` in the event: the task rolls back.
 
     The state travels in the event, not in the defer kwargs: ``dag.test()`` resumes a task with the
     event alone, while a real triggerer merges both, and the two must behave the same.
     """
 
-    def __init__(self, at_epoch: float, state: dict[str, Any]) -> None:
-        super().__init__()
+    wait_prefix = "watch"
+
+    def __init__(self, at_epoch: float, state: dict[str, Any], **watch: Any) -> None:
+        super().__init__(**watch)
         self.at_epoch = at_epoch
         self.state = state
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}", {"at_epoch": self.at_epoch, "state": self.state})
+        kwargs = self._kwargs() | {"at_epoch": self.at_epoch, "state": self.state}
+        return f"{type(self).__module__}.{type(self).__qualname__}", kwargs
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        await CLOCK.sleep(max(0.0, self.at_epoch - CLOCK.wall()))
-        yield TriggerEvent(self.state)
+        spec = RolloutSpec.model_validate(self.spec)
+        state = await self._start(spec)
+        while True:
+            state, ended, wait, _ = await self._poll(spec, state, float("inf"))
+            if ended is None and CLOCK.wall() + wait >= self.at_epoch:
+                await CLOCK.sleep(max(0.0, self.at_epoch - CLOCK.wall()))  # no poll due before the look
+            if ended is not None or CLOCK.wall() >= self.at_epoch:
+                await self._in_thread(self._limit(spec), self._clear, spec)
+                guard = None if ended is None else {"status": ended.end.value, "reason": ended.reason}
+                yield TriggerEvent({**self.state, "guardrails": guard})
+                return
+            await CLOCK.sleep(wait)
+
+
+class GuardedHITLTrigger(_GuardrailPolls):
+    """A question to a person (Airflow's ``HITLTrigger``: an answer, or the defaults at the
+    timeout) while the guardrails keep polling the stage in force. A breach (or too long without
+    data, or failing sources) answers the question itself with ``reject`` (recorded as answered
+    by nobody, so the Required Actions entry closes) and ends the wait at once, with
+    ``guardrails`` in the event: the task rolls back.
+    """
+
+    wait_prefix = "ask"
+
+    def __init__(self, hitl: dict[str, Any], reject: str, **watch: Any) -> None:
+        super().__init__(**watch)
+        self.hitl_kwargs = hitl
+        self.reject = reject
+        self.question = HITLTrigger(**hitl)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        kwargs = self._kwargs() | {"hitl": self.question.serialize()[1], "reject": self.reject}
+        return f"{type(self).__module__}.{type(self).__qualname__}", kwargs
+
+    def _close(self) -> Any:
+        """Answer the question with ``reject``; None when a person answered first (409)."""
+        try:
+            return update_hitl_detail_response(
+                ti_id=self.question.ti_id, chosen_options=[self.reject], params_input=self.question.params.dump()
+            )
+        except Exception as exc:
+            self.log.warning("the question could not be closed (answered meanwhile?): %s", exc)
+            return None
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        spec = RolloutSpec.model_validate(self.spec)
+        state = await self._start(spec)
+        q = self.question
+        next_poll = CLOCK.monotonic()
+        while True:
+            if q.timeout_datetime and q.timeout_datetime < hitl_utcnow():
+                await self._in_thread(self._limit(spec), self._clear, spec)
+                yield await q._handle_timeout()
+                return
+            answered = await q._handle_response()
+            if answered is not None:
+                await self._in_thread(self._limit(spec), self._clear, spec)
+                yield answered
+                return
+            if CLOCK.monotonic() >= next_poll:
+                state, ended, wait, _ = await self._poll(spec, state, float("inf"))
+                if ended is not None:
+                    await self._in_thread(self._limit(spec), self._clear, spec)
+                    closed = await asyncio.to_thread(self._close)
+                    if closed is None and (answered := await q._handle_response()) is not None:
+                        yield answered  # a person's answer came first; the task still sees the breach next
+                        return
+                    yield TriggerEvent(
+                        {
+                            "chosen_options": [self.reject],
+                            "params_input": q.params.dump(),
+                            "responded_by_user": None,
+                            "responded_at": hitl_utcnow() if closed is None else closed.responded_at,
+                            "timedout": False,
+                            "guardrails": {"status": ended.end.value, "reason": ended.reason},
+                        }
+                    )
+                    return
+                next_poll = CLOCK.monotonic() + wait
+            await CLOCK.sleep(max(0.0, min(q.poke_interval, next_poll - CLOCK.monotonic())))
