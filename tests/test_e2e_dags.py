@@ -207,7 +207,7 @@ def test_a_breach_during_an_extension_rolls_back_within_one_interval(
     assert injected, "the analysis never extended"
     assert out.rollout.status == "rolled_back"
     assert out.rollout.reason.startswith("guardrails stage 3 breach: p99_latency_ms")
-    assert "while the analysis waited for its next look" in out.rollout.reason
+    assert out.rollout.reason.endswith("(while waiting for the next analysis look)")
     assert out.split.share("v2") == 0.0
     rollback = next(d for d in out.decisions if d.action == "rollback")
     reaction = rollback.decided_at.replace(tzinfo=UTC).timestamp() - injected[0]

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ SPECS = {
     "f_clear": _spec("f_clear", stages=[{"percent": 50, "bake": BAKE}]),
     "f_mark_failed": _spec("f_mark_failed", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": BAKE}]),
     "f_mark_success": _spec("f_mark_success", approval={"before_final_stage": True, "timeout": "30m"}),
+    "f_ask_breach": _spec("f_ask_breach", approval={"before_final_stage": True, "timeout": "30m"}),
     "f_delete": _spec("f_delete", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": BAKE}]),
     "f_stale": _spec("f_stale", stages=[{"percent": 20, "bake": "300s"}, {"percent": 50, "bake": BAKE}]),
     "f_kill": _spec(
@@ -145,6 +146,7 @@ class Traffic:
         config = SimConfig(
             model=model, seed=7, label_delay=timedelta(seconds=1), faults=[Fault.parse(f) for f in faults]
         )
+        self.config = config  # faults appended here show from the next tick
         self.sim = LiveSimulator(engine, config, rate=400, tick=0.5, router=router)
         self.thread = threading.Thread(target=self.sim.run, daemon=True)
 
@@ -219,7 +221,7 @@ def test_marking_a_run_success_while_a_person_is_asked_rolls_back(stack: Airflow
     router = _serving(engine, model)
     with Traffic(engine, model):
         run_id = stack.trigger(dag_id, {"candidate_version": "v2"})
-        stack.wait_task(dag_id, run_id, "approve_final_stage", ("awaiting_input",))
+        stack.wait_task(dag_id, run_id, "approve_final_stage", ("deferred",))  # asked, watched
         assert router.get_split(model) == Split(model, "v1", "v2", 20.0)
         stack.call("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}", json={"state": "success"})  # "Mark success"
         final = stack.wait_run(dag_id, run_id)
@@ -232,6 +234,39 @@ def test_marking_a_run_success_while_a_person_is_asked_rolls_back(stack: Airflow
     assert rollout.status is Status.ROLLED_BACK and not rollout.holds_lock
     assert rollout.reason.startswith("the run ended without promotion")
     assert [p for p, _ in _applied(engine, rollout.rollout_id)] == [20.0, 0.0]
+
+
+def test_a_breach_while_a_person_is_asked_rolls_back_and_closes_the_question(
+    stack: AirflowStack, warehouse_db: Path
+) -> None:
+    """The real triggerer: the approval waits, watched; the canary's latency jumps; the guardrails
+    roll it back and answer the question (Reject, by nobody), so it leaves Required Actions."""
+    engine = make_engine(f"sqlite:///{warehouse_db}")
+    dag_id, model = "rollout__f_ask_breach", "f-ask-breach"
+    router = _serving(engine, model)
+    with Traffic(engine, model) as traffic:
+        run_id = stack.trigger(dag_id, {"candidate_version": "v2"})
+        stack.wait_task(dag_id, run_id, "approve_final_stage", ("deferred",))
+        assert router.get_split(model) == Split(model, "v1", "v2", 20.0)
+        traffic.config.faults.append(Fault.parse("v2:latency_ms=400"))
+        injected = time.time()
+        final = stack.wait_run(dag_id, run_id)
+    assert final == "failed" and router.get_split(model) == Split(model, "v1", "v2", 0.0)
+    rollout = _rollout(engine, f"{dag_id}/{run_id}")
+    assert rollout.status is Status.ROLLED_BACK and not rollout.holds_lock
+    assert rollout.reason is not None and rollout.reason.startswith("guardrails stage 1 breach: p99_latency_ms")
+    assert rollout.reason.endswith("(while waiting for approval of the final stage)")
+    assert [p for p, _ in _applied(engine, rollout.rollout_id)] == [20.0, 0.0]
+    with engine.connect() as conn:
+        rolled_back_at = conn.execute(
+            sa.select(sa.func.max(traffic_history.c.applied_at)).where(
+                traffic_history.c.rollout_id == rollout.rollout_id, traffic_history.c.applied
+            )
+        ).scalar_one()
+    assert rolled_back_at.replace(tzinfo=UTC).timestamp() - injected < 1 + 5  # an interval, a poll, a tick
+    body = stack.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approve_final_stage/-1/hitlDetails")
+    assert body["response_received"] and body["chosen_options"] == ["Reject"] and body["responded_by_user"] is None
+    assert stack.states(dag_id, run_id)["stage_2.shift_traffic"] == "skipped"
 
 
 def test_deleting_the_dag_while_its_guardrails_wait_is_finished_by_the_watchdog(

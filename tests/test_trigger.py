@@ -30,7 +30,8 @@ def _trigger(
     monkeypatch.setenv(
         "AIRFLOW_CONN_MLCANARY_WAREHOUSE", json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "warehouse.db")})
     )
-    spec = parse_spec(base_spec(guardrails={**base_spec()["guardrails"], **guardrails}))
+    stages = [{"percent": 20, "bake": "4s"}, {"percent": 60, "bake": "4s"}]  # write_batch's split: 20 % canary
+    spec = parse_spec(base_spec(stages=stages, guardrails={**base_spec()["guardrails"], **guardrails}))
     return GuardrailTrigger(
         spec=spec.model_dump(mode="json", by_alias=True),
         rollout_id="r",
@@ -92,8 +93,9 @@ def test_healthy_after_a_full_bake(
     assert event["healthy_seconds"] >= 2 and event["polls"] >= 3
     with engine.connect() as conn:  # every poll is audited with its values, sample sizes and limits
         rows = conn.execute(sa.select(measurements)).all()
-    assert len(rows) == 4 * event["polls"]
-    for r in rows:
+    assert len(rows) == 5 * event["polls"]  # four limits and the sample ratio
+    assert {r.check_name for r in rows if r.verdict == "PASS"} >= {"sample_ratio"}
+    for r in (r for r in rows if r.check_name != "sample_ratio"):  # its counts are the stage's
         assert (r.tier, r.stage, r.rollout_id, r.verdict) == ("guardrail", 1, "r", "PASS")
         assert r.canary_n > 0 and r.baseline_n > 0 and r.threshold is not None
         if r.check_name in ("success_rate", "p99_latency_ms"):
@@ -292,3 +294,43 @@ def test_a_hung_source_delays_no_other_rollouts_breach(
     assert caught["status"] == "breach" and caught_after < 2
     assert failed["status"] == "error" and "poll took longer than 5 s" in failed["reason"]
     assert 5 <= failed_after < 8
+
+
+def test_a_breach_is_rolled_back_by_the_trigger_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer
+) -> None:
+    """The canary is at 0 % when the event leaves the triggerer: the task, resumed seconds later,
+    only confirms (its worker slot and process start are not on the rollback's path)."""
+    from mlcanary import rollout as steps
+    from mlcanary.routers.base import Split
+    from mlcanary.routers.warehouse import WarehouseRouter
+
+    trigger = _trigger(tmp_path, monkeypatch, bake=30, limit=60)
+    spec = parse_spec(trigger.spec)
+    router = WarehouseRouter(engine)
+    router.set_split(Split(spec.model, "v1", None, 0.0), None)
+    rollout = steps.begin_rollout(engine, router, spec, "r", "v2")
+    steps.shift_to_stage(engine, router, spec, rollout.ref, 1)
+    write_batch(engine, minutes=1, rate=200, faults=("v2:latency_ms=400",))
+    event = _first_event(trigger)
+    assert event["status"] == "breach"
+    done = event["rolled_back"]
+    assert done["reason"].startswith("guardrails stage 1 breach: p99_latency_ms") and "error" not in done
+    assert done["pending"] is None  # recorded: nothing left for the report
+    assert router.get_split(spec.model) == Split(spec.model, "v1", "v2", 0.0)
+    with engine.connect() as conn:
+        row = steps.get_rollout(conn, "r")
+    assert row is not None and row.status.value == "rolled_back" and row.holds_lock  # report releases it
+
+
+def test_a_split_mismatch_rolls_back_under_the_invalid_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer
+) -> None:
+    """The stage's split says 20 %, the canary really gets 5 %: INVALID, and the spec's invalid
+    policy (rollback, the default) ends the watch."""
+    write_batch(engine, minutes=1.5, rate=200, canary_percent=5)
+    event = _first_event(_trigger(tmp_path, monkeypatch, bake=30, limit=60))
+    assert event["status"] == "invalid" and event["polls"] == 1
+    assert event["reason"].startswith("traffic split mismatch: configured 20 %, observed ")
+    observed = float(event["reason"].split("observed ")[1].split(" %")[0])
+    assert 3 < observed < 7

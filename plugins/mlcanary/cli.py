@@ -54,6 +54,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 30s, 5m, 1h)") from None
 
 
+def _split_percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 100:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage strictly between 0 and 100")
+    return value
+
+
 def _fault(text: str) -> Fault:
     try:
         return Fault.parse(text)
@@ -124,7 +134,9 @@ def cmd_guardrails(args: argparse.Namespace) -> int:
         )
     source = source_for(spec, None if prometheus else _engine(args), args.prometheus_url)
     try:
-        result = evaluate_guardrails(source, spec, args.canary_version, at, args.baseline_version)
+        result = evaluate_guardrails(
+            source, spec, args.canary_version, at, args.baseline_version, canary_percent=args.canary_percent
+        )
     except MetricSourceError as exc:
         raise UsageError(f"cannot read the guardrail metrics: {exc}") from None
     if args.json:
@@ -298,6 +310,14 @@ def build_parser(extend: Callable[[Commands], None] | None = None) -> argparse.A
     _warehouse(p)
     versions(p)
     p.add_argument("--at", type=_time, help="end of the guardrail window (default: now)")
+    p.add_argument(
+        "--canary-percent",
+        type=_split_percent,
+        metavar="P",
+        help="the canary's configured share of traffic (0 < P < 100): also check the arms' request counts "
+        "in the window against it (sample ratio mismatch, unless the spec sets guardrails.srm: false): "
+        "INVALID, exit 4, when the split is off. Without it, no such check",
+    )
     p.add_argument(
         "--prometheus-url",
         default=os.environ.get("MLCANARY_PROMETHEUS_URL"),

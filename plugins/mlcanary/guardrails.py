@@ -2,16 +2,29 @@
 
 Each poll measures both arms through a :class:`~mlcanary.sources.MetricSource` and checks:
 
-- ``success_rate``: a count test against the error budget (1 - ``success_rate_min``): FAIL when the
-  canary's failures exceed the budget significantly (exact binomial, level ``alpha``); PASS when the
-  observed rate meets the SLO; otherwise INCONCLUSIVE: the stage holds, it does not bake;
-- ``p99_latency_ms``, ``cpu``, ``memory``: the value against its limit;
-- with ``baseline`` checks: ``error_rate_vs_baseline`` (the exact conditional test of the two error
-  rates' ratio) and ``p99_latency_vs_baseline`` (the canary's requests slower than the baseline's
-  P99 times the allowed ratio, against the 1 % a P99 allows), each FAIL only when significant.
+- ``success_rate``: a count test against the error budget (1 - ``success_rate_min``): PASS when the
+  observed rate in the window meets the SLO; FAIL when it does not and the canary's failures exceed
+  the budget significantly (level ``alpha``); otherwise INCONCLUSIVE: the stage holds, it does not bake;
+- ``p99_latency_ms``, ``cpu``, ``memory``: the window's value against its limit;
+- with ``baseline`` checks: ``error_rate_vs_baseline`` (the conditional test of the two error rates'
+  ratio) and ``p99_latency_vs_baseline`` (the canary's requests slower than the baseline's P99 times
+  the allowed ratio, against the 1 % a P99 allows), each FAIL only when significant;
+- with ``canary_percent`` (the split in force) and the baseline: ``sample_ratio``, the arms' request
+  counts against the configured split (:func:`~mlcanary.stats.counts.srm_p_value`, level
+  ``srm_alpha``, and at least ``srm_min_deviation`` off): a mismatch makes the comparison INVALID.
 
-Too few requests (or no resource samples) is no evidence: that check is INCONCLUSIVE and the result
-lists it in ``missing``; it never passes.
+Error control. With ``since`` (the moment the stage's split was applied; the trigger passes it) the
+count tests use the stage's cumulative counts, ``[since, at)``, counted once more per arm
+(:func:`~mlcanary.sources.base.measure_counts`), and the anytime-valid tests of
+:mod:`mlcanary.stats.counts`: the probability that a stage whose canary sits exactly at its SLO ever
+fails a test is at most ``alpha`` however many polls the stage takes (Ville's inequality; see
+``bench/guardrail_false_alarms.py``), for each of the count tests. The window still decides PASS and
+drives the limit checks and the values shown. Without ``since`` (the command line, old callers) each
+poll tests the window alone with the exact tests, as before: ``alpha`` then holds per poll, not per
+stage.
+
+Too few requests in the window (or no resource samples) is no evidence: that check is INCONCLUSIVE
+and the result lists it in ``missing``; it never passes.
 """
 
 from __future__ import annotations
@@ -20,9 +33,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from mlcanary.sources.base import ArmHealth, MetricSource
+from mlcanary.sources.base import ArmHealth, MetricSource, measure_counts
 from mlcanary.spec import GuardrailSpec, RolloutSpec
-from mlcanary.stats.counts import exceeds_rate_ratio, exceeds_share
+from mlcanary.stats.counts import (
+    anytime_exceeds_rate_ratio,
+    anytime_exceeds_share,
+    exceeds_rate_ratio,
+    exceeds_share,
+    srm_p_value,
+)
 from mlcanary.verdict import CheckResult, Verdict, combine, first_reason
 
 
@@ -36,6 +55,10 @@ class GuardrailResult:
     baseline: ArmHealth | None
     checks: list[CheckResult]
     missing: list[str] = field(default_factory=list)  # checks without enough evidence: no data
+    # With ``since``: the stage's cumulative counts, [stage_start, window_end), that the count tests used.
+    stage_start: datetime | None = None
+    stage_canary: ArmHealth | None = None
+    stage_baseline: ArmHealth | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +68,9 @@ class GuardrailResult:
             "window_end": self.window_end.isoformat(),
             "canary": self.canary.to_dict(),
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
+            "stage_start": None if self.stage_start is None else self.stage_start.isoformat(),
+            "stage_canary": None if self.stage_canary is None else self.stage_canary.to_dict(),
+            "stage_baseline": None if self.stage_baseline is None else self.stage_baseline.to_dict(),
             "missing": self.missing,
             "checks": [c.to_dict() for c in self.checks],
         }
@@ -80,7 +106,40 @@ def _limits(g: GuardrailSpec) -> list[_Limit]:
     ]
 
 
-def _absolute(lim: _Limit, arm: ArmHealth, g: GuardrailSpec) -> _Outcome:
+def _counts(bad: int, n: int) -> tuple[int, int]:
+    """Counts a test accepts: 0 <= bad <= n (a Prometheus source may round them apart)."""
+    n = max(0, int(n))
+    return min(max(0, int(bad)), n), n
+
+
+def error_budget_verdict(
+    g: GuardrailSpec,
+    failures: int,
+    requests: int,
+    stage_failures: int | None = None,
+    stage_requests: int | None = None,
+) -> tuple[Verdict, float | None]:
+    """The ``success_rate`` rule of one poll, and its p-value (None when no test was needed).
+
+    INCONCLUSIVE below ``min_requests`` in the window; PASS when the window's success rate meets
+    ``success_rate_min``; otherwise FAIL when the failures exceed the error budget at level ``alpha``,
+    else INCONCLUSIVE. The test is on the window's counts (exact binomial, per poll) or, given the
+    stage's cumulative counts, on those (anytime-valid: ``alpha`` holds for the whole stage).
+    """
+    assert g.success_rate_min is not None
+    if requests < g.min_requests:
+        return Verdict.INCONCLUSIVE, None
+    if 1 - failures / requests >= g.success_rate_min:
+        return Verdict.PASS, None
+    budget = 1 - g.success_rate_min
+    if stage_requests is None:
+        p = exceeds_share(failures, requests, budget)
+    else:
+        p = anytime_exceeds_share(*_counts(stage_failures or 0, stage_requests), budget)
+    return (Verdict.FAIL if p <= g.alpha else Verdict.INCONCLUSIVE), p
+
+
+def _absolute(lim: _Limit, arm: ArmHealth, g: GuardrailSpec, stage: ArmHealth | None = None) -> _Outcome:
     value: float | None = getattr(arm, lim.name)
     n: int = getattr(arm, lim.samples)
     if lim.samples == "requests" and n < g.min_requests:
@@ -97,10 +156,19 @@ def _absolute(lim: _Limit, arm: ArmHealth, g: GuardrailSpec) -> _Outcome:
         return _Outcome(Verdict.PASS, f"{said} (n={n:,})", value, n)
     if lim.name != "success_rate":
         return _Outcome(Verdict.FAIL, f"{said} (n={n:,})", value, n)
-    budget = 1 - lim.limit
-    p = exceeds_share(arm.failures, n, budget)
-    evidence = f"n={n:,}, {arm.failures:,} failed; p={p:.2g} against the {_fmt(budget, '%')} error budget"
-    if p <= g.alpha:
+    verdict, p = error_budget_verdict(
+        g, arm.failures, n, None if stage is None else stage.failures, None if stage is None else stage.requests
+    )
+    budget = _fmt(1 - lim.limit, "%")
+    if stage is None:
+        evidence = f"n={n:,}, {arm.failures:,} failed; p={p:.2g} against the {budget} error budget"
+    else:
+        bad, total = _counts(stage.failures, stage.requests)
+        evidence = (
+            f"window n={n:,}; stage so far: n={total:,}, {bad:,} failed; anytime p={p:.2g} "
+            f"against the {budget} error budget"
+        )
+    if verdict is Verdict.FAIL:
         return _Outcome(Verdict.FAIL, f"{said} ({evidence})", value, n)
     return _Outcome(Verdict.INCONCLUSIVE, f"{said} but not significantly ({evidence}): holding", value, n)
 
@@ -113,22 +181,46 @@ def evaluate_guardrails(
     baseline_version: str | None = None,
     *,
     since: datetime | None = None,
+    canary_percent: float | None = None,
 ) -> GuardrailResult:
     """Check the canary over ``[at - window, at)`` against the spec's limits (and the baseline); the
     window never reaches back before ``since`` (the stage's shift: no stage is judged on the traffic
-    of the one before)."""
+    of the one before).
+
+    With ``since`` the count tests (error budget, error rate and latency against the baseline) test
+    the stage's cumulative counts ``[since, at)`` with anytime-valid p-values, so ``alpha`` bounds the
+    chance that a stage at its SLO ever fails; without it, each poll tests its window (``alpha`` per
+    poll). ``canary_percent`` is the canary's share of traffic in force (0-100): with the baseline
+    (and ``guardrails.srm`` on) the ``sample_ratio`` check tests the arms' request counts (the
+    stage's, else the window's) against it; a mismatch makes the result INVALID. No such check at
+    0 or 100 %, where there is no split to test.
+    """
     g = spec.guardrails
     start, end = at - g.window, at
     if since is not None and since > start:
         start = min(since, end)
     canary = source.measure(canary_version, start, end)
     baseline = source.measure(baseline_version, start, end) if baseline_version else None
+    stage_start: datetime | None = None
+    stage_canary = stage_baseline = None
+    if since is not None:
+        stage_start = min(since, end)
+        if stage_start == start:  # the stage is younger than the window: the same counts
+            stage_canary, stage_baseline = canary, baseline
+        else:
+            stage_canary = measure_counts(source, canary_version, stage_start, end)
+            stage_baseline = measure_counts(source, baseline_version, stage_start, end) if baseline_version else None
     relative = g.baseline if baseline is not None else None
     checks: list[CheckResult] = []
     missing: list[str] = []
 
     def add(
-        check: str, outcome: _Outcome, threshold: float, baseline_value: float | None, baseline_n: int | None
+        check: str,
+        outcome: _Outcome,
+        threshold: float,
+        baseline_value: float | None,
+        baseline_n: int | None,
+        window_start: datetime = start,
     ) -> None:
         if outcome.no_data:
             missing.append(check)
@@ -139,7 +231,7 @@ def evaluate_guardrails(
                 segment="*",
                 verdict=outcome.verdict,
                 reason=outcome.reason,
-                window_start=start,
+                window_start=window_start,
                 window_end=end,
                 canary_value=outcome.value,
                 baseline_value=baseline_value,
@@ -150,8 +242,8 @@ def evaluate_guardrails(
         )
 
     for lim in _limits(g):
-        outcome = _absolute(lim, canary, g)
-        theirs = None if baseline is None else _absolute(lim, baseline, g)
+        outcome = _absolute(lim, canary, g, stage_canary)
+        theirs = None if baseline is None else _absolute(lim, baseline, g, stage_baseline)
         shared = outcome.verdict is Verdict.FAIL and theirs is not None and theirs.verdict is Verdict.FAIL
         if shared and relative and relative.excuse_shared_breach:
             assert theirs is not None
@@ -167,17 +259,26 @@ def evaluate_guardrails(
         )
     if relative:  # set only when the baseline was measured
         assert baseline is not None
+        both = None if stage_canary is None or stage_baseline is None else (stage_canary, stage_baseline)
         if relative.error_rate_ratio_max is not None:
             add(
                 "error_rate_vs_baseline",
-                _error_ratio(canary, baseline, relative.error_rate_ratio_max, g),
+                _error_ratio(canary, baseline, relative.error_rate_ratio_max, g, both),
                 relative.error_rate_ratio_max,
                 None if baseline.success_rate is None else 1 - baseline.success_rate,
                 baseline.requests,
             )
         if relative.p99_latency_ratio_max is not None:
             outcome = _latency_ratio(
-                source, canary_version, start, end, canary, baseline, relative.p99_latency_ratio_max, g
+                source,
+                canary_version,
+                start,
+                end,
+                canary,
+                baseline,
+                relative.p99_latency_ratio_max,
+                g,
+                None if stage_start is None or stage_canary is None else (stage_start, stage_canary),
             )
             add(
                 "p99_latency_vs_baseline",
@@ -186,14 +287,38 @@ def evaluate_guardrails(
                 baseline.p99_latency_ms,
                 baseline.requests,
             )
+    if canary_percent is not None and baseline is not None and g.srm and 0 < canary_percent < 100:
+        ours, theirs_arm = (canary, baseline) if stage_canary is None else (stage_canary, stage_baseline)
+        assert theirs_arm is not None
+        outcome = _sample_ratio(ours, theirs_arm, canary_percent, g, stage_start is not None)
+        add(
+            "sample_ratio",
+            outcome,
+            canary_percent / 100,
+            None,
+            theirs_arm.requests,
+            start if stage_start is None else stage_start,
+        )
     verdict = combine(checks)
     reason = (
         "healthy: " + "; ".join(c.reason for c in checks) if verdict is Verdict.PASS else first_reason(checks, verdict)
     )
-    return GuardrailResult(verdict, reason, start, end, canary, baseline, checks, missing)
+    return GuardrailResult(
+        verdict, reason, start, end, canary, baseline, checks, missing, stage_start, stage_canary, stage_baseline
+    )
 
 
-def _error_ratio(canary: ArmHealth, baseline: ArmHealth, ratio: float, g: GuardrailSpec) -> _Outcome:
+def _rate(bad: int, n: int) -> float | None:
+    return bad / n if n else None
+
+
+def _error_ratio(
+    canary: ArmHealth,
+    baseline: ArmHealth,
+    ratio: float,
+    g: GuardrailSpec,
+    stage: tuple[ArmHealth, ArmHealth] | None = None,
+) -> _Outcome:
     n_c, n_b = canary.requests, baseline.requests
     rate = None if not n_c else canary.failures / n_c
     if min(n_c, n_b) < g.min_requests:
@@ -205,12 +330,22 @@ def _error_ratio(canary: ArmHealth, baseline: ArmHealth, ratio: float, g: Guardr
             True,
         )
     assert rate is not None
-    base_rate = baseline.failures / n_b
-    p = exceeds_rate_ratio(canary.failures, n_c, baseline.failures, n_b, ratio)
-    said = (
-        f"error_rate_vs_baseline: canary {_fmt(rate, '%')} vs baseline {_fmt(base_rate, '%')} "
-        f"(limit {ratio:g}x; {canary.failures:,}/{n_c:,} vs {baseline.failures:,}/{n_b:,} failed, p={p:.2g})"
-    )
+    if stage is None:
+        base_rate = baseline.failures / n_b
+        p = exceeds_rate_ratio(canary.failures, n_c, baseline.failures, n_b, ratio)
+        said = (
+            f"error_rate_vs_baseline: canary {_fmt(rate, '%')} vs baseline {_fmt(base_rate, '%')} "
+            f"(limit {ratio:g}x; {canary.failures:,}/{n_c:,} vs {baseline.failures:,}/{n_b:,} failed, p={p:.2g})"
+        )
+    else:
+        bad_c, s_c = _counts(stage[0].failures, stage[0].requests)
+        bad_b, s_b = _counts(stage[1].failures, stage[1].requests)
+        p = anytime_exceeds_rate_ratio(bad_c, s_c, bad_b, s_b, ratio)
+        said = (
+            f"error_rate_vs_baseline: stage so far canary {_fmt(_rate(bad_c, s_c), '%')} vs baseline "
+            f"{_fmt(_rate(bad_b, s_b), '%')} (limit {ratio:g}x; {bad_c:,}/{s_c:,} vs {bad_b:,}/{s_b:,} failed, "
+            f"anytime p={p:.2g}; window {_fmt(rate, '%')} of {n_c:,})"
+        )
     if p <= g.alpha:
         return _Outcome(Verdict.FAIL, f"{said}: worse than the baseline", rate, n_c)
     return _Outcome(Verdict.PASS, f"{said}: not worse than allowed", rate, n_c)
@@ -225,7 +360,15 @@ def _latency_ratio(
     baseline: ArmHealth,
     ratio: float,
     g: GuardrailSpec,
+    stage: tuple[datetime, ArmHealth] | None = None,
 ) -> _Outcome:
+    """The canary's requests slower than ``ratio`` x the baseline's P99 in the window, against 1 %.
+
+    With ``stage`` (its start and the canary's cumulative counts) the count is the stage's requests
+    slower than that limit, tested with :func:`anytime_exceeds_share`. The limit moves with the
+    baseline's P99 in the current window, so this is an approximation of an anytime-valid test: exact
+    while the baseline's P99 holds still, and the earlier requests are judged by today's limit.
+    """
     n_c = canary.requests
     if min(n_c, baseline.requests) < g.min_requests or baseline.p99_latency_ms is None:
         return _Outcome(
@@ -237,16 +380,67 @@ def _latency_ratio(
             True,
         )
     limit = ratio * baseline.p99_latency_ms
-    slower = source.slower_than(version, start, end, limit)
-    p = exceeds_share(slower, n_c, 0.01)
-    said = (
+    head = (
         f"p99_latency_vs_baseline: canary P99 {_fmt(canary.p99_latency_ms, 'ms')} vs baseline "
-        f"{_fmt(baseline.p99_latency_ms, 'ms')}; {_fmt(slower / n_c, '%')} of {n_c:,} canary requests slower than "
-        f"{_fmt(limit, 'ms')} ({ratio:g}x the baseline P99; a P99 allows 1.00 %, p={p:.2g})"
+        f"{_fmt(baseline.p99_latency_ms, 'ms')}; "
     )
+    if stage is None:
+        slower = source.slower_than(version, start, end, limit)
+        p = exceeds_share(slower, n_c, 0.01)
+        said = (
+            f"{head}{_fmt(slower / n_c, '%')} of {n_c:,} canary requests slower than "
+            f"{_fmt(limit, 'ms')} ({ratio:g}x the baseline P99; a P99 allows 1.00 %, p={p:.2g})"
+        )
+    else:
+        stage_start, stage_canary = stage
+        slower, total = _counts(source.slower_than(version, stage_start, end, limit), stage_canary.requests)
+        p = anytime_exceeds_share(slower, total, 0.01)
+        said = (
+            f"{head}stage so far: {_fmt(_rate(slower, total), '%')} of {total:,} canary requests slower than "
+            f"{_fmt(limit, 'ms')} ({ratio:g}x the baseline's current P99; a P99 allows 1.00 %, anytime p={p:.2g})"
+        )
     if p <= g.alpha:
         return _Outcome(Verdict.FAIL, f"{said}: slower than the baseline", canary.p99_latency_ms, n_c)
     return _Outcome(Verdict.PASS, f"{said}: not slower than allowed", canary.p99_latency_ms, n_c)
+
+
+def _sample_ratio(canary: ArmHealth, baseline: ArmHealth, percent: float, g: GuardrailSpec, stage: bool) -> _Outcome:
+    """The arms' request counts against the configured split: INVALID on a significant mismatch.
+
+    At least ``min_requests`` requests in both arms together: the test is valid at any count, and
+    asking each arm for the minimum would blind it to the worst mismatch, an arm that gets nothing.
+    The deviation is relative to the smaller configured share (the canary's below 50 %): 10 % of
+    10 % is 1 point either way, so a 90/10 split whose 10 % arm gets 9 % is as far off as a 10/90 one.
+    """
+    c, b = max(0, canary.requests), max(0, baseline.requests)
+    total = c + b
+    configured = percent / 100
+    where = "stage so far" if stage else "window"
+    if total < g.min_requests:
+        return _Outcome(
+            Verdict.INCONCLUSIVE,
+            f"sample_ratio: no data: {total} requests ({where}) < minimum {g.min_requests}",
+            None,
+            c,
+            True,
+        )
+    observed = c / total
+    p = srm_p_value(c, b, configured)
+    deviation = abs(observed - configured) / min(configured, 1 - configured)
+    said = (
+        f"configured {percent:g} %, observed {100 * observed:.1f} % of {total:,} requests ({where}; anytime p={p:.2g})"
+    )
+    if p <= g.srm_alpha and deviation >= g.srm_min_deviation:
+        return _Outcome(Verdict.INVALID, f"traffic split mismatch: {said}", observed, c)
+    if p <= g.srm_alpha:
+        return _Outcome(
+            Verdict.PASS,
+            f"traffic split as configured: {said}; off by {100 * deviation:.1f} % relative, "
+            f"below the {100 * g.srm_min_deviation:g} % that counts as a mismatch",
+            observed,
+            c,
+        )
+    return _Outcome(Verdict.PASS, f"traffic split as configured: {said}", observed, c)
 
 
 def _fmt(value: float | None, unit: str) -> str:

@@ -198,7 +198,17 @@ class GuardrailSpec(_Model):
     p99_latency_ms_max: Annotated[float, Field(gt=0)] | None = 500.0
     cpu_max: Fraction | None = 0.90
     memory_max: Fraction | None = 0.95
-    alpha: Fraction = 0.01  # level of the count tests (error budget, baseline comparisons), per poll
+    # Level of the count tests (error budget, baseline comparisons), per stage, anytime-valid: a stage
+    # whose canary sits at its SLO fails with probability <= alpha however many polls it takes (each
+    # test on the stage's cumulative counts). Without the stage's start (the command line): per poll.
+    alpha: Fraction = 0.01
+    # Sample ratio mismatch: the arms' request counts against the split in force (when the caller
+    # gives it); a mismatch makes the comparison INVALID and the spec's invalid policy decides.
+    srm: bool = True
+    srm_alpha: Fraction = 0.001  # level of the anytime-valid multinomial test (GrowthBook's default)
+    # ... and how far off the observed share must be, relative to the smaller configured share
+    # (0.1: 10 % of 10 % = 1 point): large lopsided splits flag tiny harmless deviations otherwise. 0: off.
+    srm_min_deviation: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
     consecutive_breaches: Annotated[int, Field(ge=1)] = 1
     no_data_limit: Annotated[int, Field(ge=1)] = 5  # polls in a row without enough data ...
     no_data_policy: Literal["fail", "hold"] = "fail"  # ... then fail the stage, or hold it until the deadline

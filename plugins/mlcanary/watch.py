@@ -26,6 +26,7 @@ class End(StrEnum):
     BREACH = "breach"  # consecutive_breaches failing polls in a row
     NO_DATA = "no_data"  # no_data_limit polls in a row without enough data, policy fail
     ERROR = "error"  # error_limit source errors in a row: fail closed
+    INVALID = "invalid"  # the comparison is invalid (a traffic split mismatch) and the policy is rollback
     TIMEOUT = "timeout"  # the absolute deadline passed first
 
 
@@ -64,9 +65,11 @@ def after_poll(
     missing: list[str],
     monotonic: float,
     bake_seconds: float,
+    invalid_rolls_back: bool = False,
 ) -> tuple[WatchState, Ended | None]:
     """One poll's verdict: FAIL counts a breach, PASS extends the healthy stretch, anything else
-    (no data, not yet significant) interrupts it; ``missing`` lists the checks without data."""
+    (no data, not yet significant, invalid) interrupts it; ``missing`` lists the checks without
+    data. INVALID ends the watch at once when the spec's invalid policy is ``rollback``."""
     polls = state.polls + 1
     no_data = state.no_data + 1 if missing else 0
     if verdict is Verdict.FAIL:
@@ -83,6 +86,8 @@ def after_poll(
             return new, Ended(End.HEALTHY, reason)
     else:
         new = WatchState(polls, state.healthy_seconds, 0, no_data, 0, reason, None)
+        if verdict is Verdict.INVALID and invalid_rolls_back:
+            return new, Ended(End.INVALID, reason)
     if no_data >= g.no_data_limit and g.no_data_policy == "fail":
         return new, Ended(
             End.NO_DATA, f"{no_data} polls in a row without enough data ({', '.join(missing)}); policy fail: {reason}"

@@ -46,7 +46,7 @@ class GuardedQuestion(RolloutTaskMixin):
     (:class:`~mlcanary_airflow.triggers.GuardedHITLTrigger`), instead of Airflow 3.3's unwatched
     ``awaiting_input``: the task defers, and the question is listed under Required Actions."""
 
-    def ask(self, context: Context, rollout: RolloutRef, stage: int, reject: str) -> NoReturn:
+    def ask(self, context: Context, rollout: RolloutRef, stage: int, reject: str, waiting_for: str) -> NoReturn:
         op: Any = self  # a HITLOperator
         ti_id = context["task_instance"].id
         upsert_hitl_detail(
@@ -76,24 +76,24 @@ class GuardedQuestion(RolloutTaskMixin):
             trigger=GuardedHITLTrigger(
                 hitl=hitl,
                 reject=reject,
-                spec=self.spec_data,
-                rollout_id=rollout.rollout_id,
-                stage=stage,
-                baseline_version=rollout.baseline_version,
-                canary_version=rollout.canary_version,
-                stage_started_epoch=self.stage_started_epoch(rollout, stage),
+                **self.watch(rollout, stage, waiting_for),
             ),
             method_name="execute_complete",
         )
         raise AssertionError("defer() raises")  # pragma: no cover
 
+    def breach(self, context: Context, ref: RolloutRef, event: dict[str, Any], stage: int, waiting_for: str) -> bool:
+        """If the guardrails ended the question: the canary at 0 % (the trigger did it, or now)."""
+        g = event.get("guardrails")
+        if not g:
+            return False
+        reason = after_guardrails(g["status"], f"{g['reason']} (while waiting for {waiting_for})", stage).reason
+        if not self.rolled_back_by_trigger(context, event.get("rolled_back")):
+            self.roll_back_now(context, ref, reason)
+        return True
 
-def _breach(event: dict[str, Any], stage: int, waiting_for: str) -> str | None:
-    """Why the guardrails ended the question, if they did."""
-    g = event.get("guardrails")
-    if not g:
-        return None
-    return after_guardrails(g["status"], f"{g['reason']} (while waiting for {waiting_for})", stage).reason
+
+APPROVAL, DECISION = "approval of the final stage", "a person's decision"
 
 
 class ApproveFinalStageOperator(GuardedQuestion, ApprovalOperator):
@@ -121,18 +121,15 @@ class ApproveFinalStageOperator(GuardedQuestion, ApprovalOperator):
         rollout = self.rollout(context, Action.LOOK)  # skips when the rollout never started or ended
         stage = len(self.spec.stages) - 1
         self.decide(rollout, "ask", "waiting for approval of the final stage", stage, key="ask:approval")
-        self.ask(context, rollout, stage, ApprovalOperator.REJECT)
+        self.ask(context, rollout, stage, ApprovalOperator.REJECT, APPROVAL)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         # Record first: on Reject the base class skips the final stage by raising (Airflow 3's skip).
-        if "error" not in event:
-            ref = self.ref(context)
+        ref = self.ref(context)
+        stage = len(self.spec.stages) - 1
+        if "error" not in event and not self.breach(context, ref, event, stage, APPROVAL):
             who = _who(event, self.spec.approval.timeout)
-            stage = len(self.spec.stages) - 1
-            breach = _breach(event, stage, "approval of the final stage")
-            if breach:
-                self.roll_back_now(context, ref, breach)
-            elif event["chosen_options"] == [ApprovalOperator.APPROVE]:
+            if event["chosen_options"] == [ApprovalOperator.APPROVE]:
                 self.decide(ref, "approve", f"final stage approved {who}", stage, key="approve")
             else:
                 self.roll_back_now(context, ref, f"final stage not approved: Reject {who}")
@@ -190,7 +187,7 @@ class DecideOperator(GuardedQuestion, HITLBranchOperator):
                     f"**{verdict.value}**: {final.get('reason')}\n\nPromote it, Extend the analysis (then decided "
                     f"automatically), or Roll back. No answer within {p.ask_timeout} rolls back."
                 )
-                self.ask(context, rollout, stage, ROLL_BACK)  # defers, watched by the guardrails
+                self.ask(context, rollout, stage, ROLL_BACK, DECISION)  # defers, watched by the guardrails
         self.log.info(nxt.reason)
         self.roll_back_now(context, rollout.ref, nxt.reason)
         return self.do_branch(context, None)  # skip the promotion: the rollback is done
@@ -202,7 +199,8 @@ class DecideOperator(GuardedQuestion, HITLBranchOperator):
         who = f"{choice} chosen {_who(result, self.spec.policies.ask_timeout)}"
         stage = len(self.spec.stages)
         if choice == ROLL_BACK:
-            self.roll_back_now(context, ref, _breach(event, stage, "a person's decision") or who)
+            if not self.breach(context, ref, event, stage, DECISION):
+                self.roll_back_now(context, ref, who)
             return self.do_branch(context, None)
         self.decide(ref, {PROMOTE: "promote_chosen", EXTEND: "extend"}[choice], who, stage, key=f"answer:{choice}")
         return self.do_branch(context, self.options_mapping.get(choice))

@@ -40,6 +40,9 @@ BEGIN = "validate_and_lock"  # its XCom is the rollout's RolloutRef: what a roll
 PENDING = "mlcanary_rollback"  # XCom of a task that rolled back but could not record it (or why it rolled back)
 
 
+NEXT_LOOK = "the next analysis look"
+
+
 def rollout_id_of(context: Context) -> str:
     return f"{context['dag'].dag_id}/{context['run_id']}"
 
@@ -132,24 +135,40 @@ class RolloutTaskMixin:
             shifted = steps.stage_started_at(conn, rollout.rollout_id, stage)
         return time.time() if shifted is None else shifted.replace(tzinfo=UTC).timestamp()
 
-    def guarded_wait(
-        self, rollout: steps.RolloutRef, stage: int, at_epoch: float, state: dict[str, Any]
-    ) -> GuardedWaitTrigger:
-        """A wait until ``at_epoch`` during which the guardrails keep watching ``stage``."""
-        return GuardedWaitTrigger(
-            at_epoch=at_epoch,
-            state=state,
+    def watch(self, rollout: steps.RolloutRef, stage: int, waiting_for: str | None = None) -> dict[str, Any]:
+        """The arguments of a trigger that watches ``stage``'s guardrails (and rolls back itself)."""
+        return dict(
             spec=self.spec_data,
             rollout_id=rollout.rollout_id,
             stage=stage,
             baseline_version=rollout.baseline_version,
             canary_version=rollout.canary_version,
             stage_started_epoch=self.stage_started_epoch(rollout, stage),
+            dry_run=rollout.dry_run,
+            waiting_for=waiting_for,
         )
 
-    def stop(self, context: Context, ref: steps.RolloutRef, nxt: Next) -> NoReturn:
-        """The state machine said roll back: do it now, then fail this task (no retries)."""
-        self.roll_back_now(context, ref, nxt.reason)
+    def guarded_wait(
+        self, rollout: steps.RolloutRef, stage: int, at_epoch: float, state: dict[str, Any]
+    ) -> GuardedWaitTrigger:
+        """A wait until ``at_epoch`` during which the guardrails keep watching ``stage``."""
+        return GuardedWaitTrigger(at_epoch=at_epoch, state=state, **self.watch(rollout, stage, NEXT_LOOK))
+
+    def rolled_back_by_trigger(self, context: Context, done: dict[str, Any] | None) -> bool:
+        """Whether the guardrails' trigger already rolled back (see ``_GuardrailPolls._roll_back_now``);
+        records it could not write go to the ``rollback`` teardown in XCom, as :meth:`roll_back_now`'s do."""
+        if not done or done.get("error"):
+            return False
+        self.log.warning("mlcanary: rolled back from the triggerer: %s (%s)", done["reason"], done["note"])
+        if done.get("pending"):
+            context["ti"].xcom_push(key=PENDING, value=done["pending"])
+        return True
+
+    def stop(self, context: Context, ref: steps.RolloutRef, nxt: Next, done: dict[str, Any] | None = None) -> NoReturn:
+        """The state machine said roll back: do it now (unless the trigger ``done`` it), then fail
+        this task (no retries)."""
+        if not self.rolled_back_by_trigger(context, done):
+            self.roll_back_now(context, ref, nxt.reason)
         raise AirflowFailException(nxt.reason)
 
 
@@ -280,8 +299,8 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         state = event or {}  # what the previous look handed over (see GuardedWaitTrigger)
         if state.get("guardrails"):  # the guardrails ended the wait for this look
             g = state["guardrails"]
-            why = f"{g['reason']} (while the analysis waited for its next look)"
-            self.stop(context, rollout.ref, after_guardrails(g["status"], why, self.stage))
+            why = f"{g['reason']} (while waiting for {NEXT_LOOK})"
+            self.stop(context, rollout.ref, after_guardrails(g["status"], why, self.stage), state.get("rolled_back"))
         first_look: float = state.get("first_look") or time.time()
         fails: int = state.get("fails", 0)
         look: int = state.get("look", 0) + 1

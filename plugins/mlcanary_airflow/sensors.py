@@ -33,17 +33,9 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
         rollout = self.rollout(context, Action.LOOK)
         bake = self.spec.stages[self.stage - 1].bake.total_seconds()
         limit = bake + self.spec.guardrails.deadline_margin.total_seconds()
-        started = self.stage_started_epoch(rollout, self.stage)
         self.defer(
             trigger=GuardrailTrigger(
-                spec=self.spec_data,
-                rollout_id=rollout.rollout_id,
-                stage=self.stage,
-                baseline_version=rollout.baseline_version,
-                canary_version=rollout.canary_version,
-                bake_seconds=bake,
-                deadline_epoch=time.time() + limit,
-                stage_started_epoch=started,
+                bake_seconds=bake, deadline_epoch=time.time() + limit, **self.watch(rollout, self.stage)
             ),
             method_name="execute_complete",
             # A backstop for a real triggerer; the trigger's own deadline normally ends it first.
@@ -54,7 +46,7 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
         event = event or {"status": "error", "reason": "the trigger ended without an event"}
         nxt = after_guardrails(event["status"], event["reason"], self.stage)
         if nxt.step is Step.ROLL_BACK:
-            self.stop(context, self.ref(context), nxt)
+            self.stop(context, self.ref(context), nxt, event.get("rolled_back"))
         self.log.info(
             "stage %d healthy for %.0f s over %d polls: %s",
             self.stage,

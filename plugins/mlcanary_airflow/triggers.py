@@ -16,14 +16,16 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from sqlalchemy.engine import Engine
 
 from mlcanary import progress
+from mlcanary import rollout as steps
 from mlcanary.audit import record_checks
 from mlcanary.guardrails import GuardrailResult, evaluate_guardrails
+from mlcanary.lifecycle import after_guardrails
 from mlcanary.sources import MetricSource
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import utcnow
-from mlcanary.watch import Ended, WatchState, after_error, after_poll, past_deadline
-from mlcanary_airflow.hooks import WarehouseHook, metric_source
+from mlcanary.watch import End, Ended, WatchState, after_error, after_poll, past_deadline
+from mlcanary_airflow.hooks import WarehouseHook, metric_source, router_for
 
 _T = TypeVar("_T")
 
@@ -58,6 +60,8 @@ class _GuardrailPolls(BaseTrigger):
         baseline_version: str,
         canary_version: str,
         stage_started_epoch: float | None = None,
+        dry_run: bool = False,
+        waiting_for: str | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -66,6 +70,8 @@ class _GuardrailPolls(BaseTrigger):
         self.baseline_version = baseline_version
         self.canary_version = canary_version
         self.stage_started_epoch = stage_started_epoch
+        self.dry_run = dry_run
+        self.waiting_for = waiting_for  # what the stage waits for, for the reason of a rollback
         self._source: MetricSource | None = None  # built at the first poll, in its thread
 
     def _kwargs(self) -> dict[str, Any]:
@@ -76,6 +82,8 @@ class _GuardrailPolls(BaseTrigger):
             baseline_version=self.baseline_version,
             canary_version=self.canary_version,
             stage_started_epoch=self.stage_started_epoch,
+            dry_run=self.dry_run,
+            waiting_for=self.waiting_for,
         )
 
     @property
@@ -90,9 +98,23 @@ class _GuardrailPolls(BaseTrigger):
         since = None
         if self.stage_started_epoch is not None:
             since = datetime.fromtimestamp(self.stage_started_epoch, UTC).replace(tzinfo=None)
+        now = utcnow()
         return source, evaluate_guardrails(
-            source, spec, self.canary_version, utcnow(), self.baseline_version, since=since
+            source,
+            spec,
+            self.canary_version,
+            now,
+            self.baseline_version,
+            since=since,
+            canary_percent=self._share(spec, now, since),
         )
+
+    def _share(self, spec: RolloutSpec, now: datetime, since: datetime | None) -> float | None:
+        """The canary's share in force, for the sample-ratio check; None in a dry run (nothing moved)
+        and until the stage is two guardrail windows old, so requests routed by the previous split
+        while the platform applied this one are a small part of the counts."""
+        settled = since is not None and now - since >= 2 * spec.guardrails.window
+        return None if self.dry_run or not settled else spec.stages[self.stage - 1].percent
 
     def _record(self, spec: RolloutSpec, checks: list[CheckResult], state: WatchState) -> None:
         with self._engine(spec).begin() as conn:
@@ -139,6 +161,29 @@ class _GuardrailPolls(BaseTrigger):
         except Exception as exc:
             self.log.warning("guardrails stage %d: could not clear the watch's counters: %s", self.stage, exc)
 
+    def _roll_back_now(self, spec: RolloutSpec, ended: Ended) -> dict[str, Any]:
+        """The canary to 0 % from the triggerer, the moment the watch ends badly: the task resumes
+        seconds later (a worker slot, a process) and only confirms. What it did travels in the event;
+        records it could not write go on to the report."""
+        why = ended.reason + (f" (while waiting for {self.waiting_for})" if self.waiting_for else "")
+        reason = after_guardrails(ended.end.value, why, self.stage).reason
+        ref = steps.RolloutRef(self.rollout_id, spec.model, self.baseline_version, self.canary_version, self.dry_run)
+        try:
+            done = steps.rollback(self._engine(spec), router_for(spec), ref, reason)
+        except Exception as exc:  # refused, or the router failed: the task rolls back (with retries)
+            self.log.error("guardrails stage %d: rollback from the triggerer failed: %s", self.stage, exc)
+            return {"reason": reason, "error": f"{type(exc).__name__}: {exc}"}
+        self.log.warning("guardrails stage %d: rolled back: %s", self.stage, reason)
+        return {
+            "reason": reason,
+            "note": done.records.note,
+            "pending": None if done.recorded else done.records.to_dict(),
+        }
+
+    async def _end_badly(self, spec: RolloutSpec, ended: Ended) -> dict[str, Any]:
+        await self._in_thread(self._limit(spec), self._clear, spec)
+        return await asyncio.to_thread(self._roll_back_now, spec, ended)  # no time limit: never abandoned
+
     async def _in_thread(self, limit: float, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn`` in a thread of the loop's pool, never the triggerer's one shared thread."""
         return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout=limit)
@@ -168,7 +213,10 @@ class _GuardrailPolls(BaseTrigger):
         polled = CLOCK.monotonic()
         try:
             self._source, result = await self._in_thread(limit, self._measure, spec, self._source)
-            new, ended = after_poll(state, g, result.verdict, result.reason, result.missing, polled, bake_seconds)
+            rolls_back = spec.policies.invalid == "rollback"
+            new, ended = after_poll(
+                state, g, result.verdict, result.reason, result.missing, polled, bake_seconds, rolls_back
+            )
             await self._in_thread(limit, self._record, spec, result.checks, new)
             return new, ended, max(0.0, polled + g.interval.total_seconds() - CLOCK.monotonic()), result
         except Exception as exc:  # any source failure (or a poll past its limit) is retried, then fails closed
@@ -185,18 +233,8 @@ class GuardrailTrigger(_GuardrailPolls):
     ``timeout`` (``deadline_epoch``, absolute, enforced here, so ``dag.test()`` and a moved trigger
     behave the same)."""
 
-    def __init__(
-        self,
-        spec: dict[str, Any],
-        rollout_id: str,
-        stage: int,
-        baseline_version: str,
-        canary_version: str,
-        bake_seconds: float,
-        deadline_epoch: float,
-        stage_started_epoch: float | None = None,
-    ) -> None:
-        super().__init__(spec, rollout_id, stage, baseline_version, canary_version, stage_started_epoch)
+    def __init__(self, bake_seconds: float, deadline_epoch: float, **watch: Any) -> None:
+        super().__init__(**watch)
         self.bake_seconds = bake_seconds
         self.deadline_epoch = deadline_epoch
 
@@ -215,7 +253,9 @@ class GuardrailTrigger(_GuardrailPolls):
             state, ended, wait, last = await self._poll(spec, state, self.bake_seconds)
             ended = ended or past_deadline(state, CLOCK.wall() + wait, self.deadline_epoch, self.bake_seconds)
             if ended is not None:
-                await self._in_thread(self._limit(spec), self._clear, spec)
+                healthy = ended.end is End.HEALTHY
+                if healthy:
+                    await self._in_thread(self._limit(spec), self._clear, spec)
                 yield TriggerEvent(
                     {
                         "status": ended.end.value,
@@ -223,6 +263,7 @@ class GuardrailTrigger(_GuardrailPolls):
                         "healthy_seconds": state.healthy_seconds,
                         "reason": ended.reason,
                         "result": None if last is None else last.to_dict(),
+                        "rolled_back": None if healthy else await self._end_badly(spec, ended),
                     }
                 )
                 return
@@ -256,10 +297,15 @@ class GuardedWaitTrigger(_GuardrailPolls):
             state, ended, wait, _ = await self._poll(spec, state, float("inf"))
             if ended is None and CLOCK.wall() + wait >= self.at_epoch:
                 await CLOCK.sleep(max(0.0, self.at_epoch - CLOCK.wall()))  # no poll due before the look
-            if ended is not None or CLOCK.wall() >= self.at_epoch:
+            if ended is not None:
+                guard = {"status": ended.end.value, "reason": ended.reason}
+                yield TriggerEvent(
+                    {**self.state, "guardrails": guard, "rolled_back": await self._end_badly(spec, ended)}
+                )
+                return
+            if CLOCK.wall() >= self.at_epoch:
                 await self._in_thread(self._limit(spec), self._clear, spec)
-                guard = None if ended is None else {"status": ended.end.value, "reason": ended.reason}
-                yield TriggerEvent({**self.state, "guardrails": guard})
+                yield TriggerEvent({**self.state, "guardrails": None})
                 return
             await CLOCK.sleep(wait)
 
@@ -312,7 +358,7 @@ class GuardedHITLTrigger(_GuardrailPolls):
             if CLOCK.monotonic() >= next_poll:
                 state, ended, wait, _ = await self._poll(spec, state, float("inf"))
                 if ended is not None:
-                    await self._in_thread(self._limit(spec), self._clear, spec)
+                    done = await self._end_badly(spec, ended)  # traffic first, then the question
                     closed = await asyncio.to_thread(self._close)
                     if closed is None and (answered := await q._handle_response()) is not None:
                         yield answered  # a person's answer came first; the task still sees the breach next
@@ -325,6 +371,7 @@ class GuardedHITLTrigger(_GuardrailPolls):
                             "responded_at": hitl_utcnow() if closed is None else closed.responded_at,
                             "timedout": False,
                             "guardrails": {"status": ended.end.value, "reason": ended.reason},
+                            "rolled_back": done,
                         }
                     )
                     return

@@ -85,16 +85,19 @@ class PrometheusMetrics:
             raise MetricSourceError(f"{promql!r} returned {len(result)} series; aggregate it to one (sum, avg, ...)")
         return _float(result[0]["value"][1])
 
+    def request_counts(self, version: str, start: datetime, end: datetime) -> tuple[int, int]:
+        """Requests and failed requests only: the two count queries of :meth:`measure`."""
+        n = round(self._number(self.queries.requests, version, start, end) or 0.0)
+        return n, min(n, round(self._number(self.queries.failures, version, start, end) or 0.0))
+
     def measure(self, version: str, start: datetime, end: datetime) -> ArmHealth:
         q = self.queries
-        requests = self._number(q.requests, version, start, end)
-        failures = self._number(q.failures, version, start, end)
+        n, failures = self.request_counts(version, start, end)
         cpu = self._number(q.cpu, version, start, end)
         memory = self._number(q.memory, version, start, end)
-        n = round(requests or 0.0)
         return ArmHealth(
             requests=n,
-            failures=min(n, round(failures or 0.0)),
+            failures=failures,
             p99_latency_ms=self._number(q.p99_latency_ms, version, start, end) if n else None,
             resource_samples=int(cpu is not None or memory is not None),
             cpu=cpu,

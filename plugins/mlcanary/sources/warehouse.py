@@ -14,7 +14,8 @@ from mlcanary.warehouse import queries
 
 class WarehouseMetrics:
     """Reads the predictions and resource tables the spec maps. A poll costs in proportion to the
-    window, not the table: every query is a range over the (model, version, ts) index."""
+    window, not the table: every query is a range over the (model, version, ts) index (the
+    stage-level count tests add one count of the stage's rows per arm, :meth:`request_counts`)."""
 
     def __init__(self, engine: Engine, spec: RolloutSpec) -> None:
         self.engine = engine
@@ -28,6 +29,12 @@ class WarehouseMetrics:
             p99 = queries.latency_quantile(conn, self.predictions, self.model, version, start, end, 0.99) if n else None
             samples, cpu, mem = queries.resource_means(conn, self.resources, self.model, version, start, end)
         return ArmHealth(n, n - ok, p99, samples, cpu, mem)
+
+    def request_counts(self, version: str, start: datetime, end: datetime) -> tuple[int, int]:
+        """Requests and failed requests only, one aggregate over the index range (no P99 sort)."""
+        with self.engine.connect() as conn:
+            n, ok = queries.request_counts(conn, self.predictions, self.model, version, start, end)
+        return n, n - ok
 
     def slower_than(self, version: str, start: datetime, end: datetime, latency_ms: float) -> int:
         with self.engine.connect() as conn:
