@@ -106,9 +106,15 @@ def fail_times(stage: Stage, c: Counts, anytime: bool, in_a_row: int) -> np.ndar
         below_slo = (1 - bk / np.maximum(nk, 1)) < g.success_rate_min
         candidates = np.flatnonzero(active & (nk >= g.min_requests) & below_slo)
         fails = np.zeros(runs, bool)
+        window_alpha = g.alpha / (2 * stage.polls(True)) if anytime else None  # as the trigger passes it
         fails[candidates] = [
             error_budget_verdict(
-                g, int(bk[i]), int(nk[i]), int(bs[i]) if anytime else None, int(ns[i]) if anytime else None
+                g,
+                int(bk[i]),
+                int(nk[i]),
+                int(bs[i]) if anytime else None,
+                int(ns[i]) if anytime else None,
+                window_alpha,
             )[0]
             is Verdict.FAIL
             for i in candidates
@@ -121,7 +127,7 @@ def fail_times(stage: Stage, c: Counts, anytime: bool, in_a_row: int) -> np.ndar
 RULES = (  # name, anytime (the stage's counts), breaches in a row (None: the spec's consecutive_breaches)
     ("today: per poll, window", False, None),
     ("today, 2 breaches in a row", False, 2),
-    ("anytime: stage so far", True, None),
+    ("now: stage anytime + window", True, None),
 )
 
 

@@ -307,3 +307,25 @@ def test_cli_guardrails_checks_the_split(
         with pytest.raises(SystemExit):
             main([*common, "--canary-percent", bad])
         assert "strictly between 0 and 100" in capsys.readouterr().err
+
+
+def test_a_canary_that_turns_bad_late_in_a_long_stage_is_caught_by_its_window(
+    engine: sa.Engine, spec: RolloutSpec
+) -> None:
+    """An hour of healthy traffic (0.5 % failed against a 2 % budget), then a window at 25 % failed:
+    the stage's counts alone are not yet significant (the good hour outweighs it), the window's exact
+    test at the watch's share of alpha (0.01 / 2 over 3,600 polls) is, at once."""
+    at = utcnow()
+    since = at - timedelta(hours=1)
+    window = at - spec.guardrails.window
+    _traffic(engine, "v2", 36_000, 180, since, window)
+    _traffic(engine, "v2", 400, 100, window, at)
+    stage_only = _check(_poll(engine, spec, at, since=since), "success_rate")
+    assert stage_only.verdict is Verdict.INCONCLUSIVE
+    both = _check(_poll(engine, spec, at, since=since, window_alpha=0.01 / (2 * 3600)), "success_rate")
+    assert both.verdict is Verdict.FAIL
+    assert "window n=400, window p=" in both.reason and "(level 1.4e-06)" in both.reason
+    healthy_window = at + timedelta(seconds=4)  # a window of the same healthy traffic as the hour
+    _traffic(engine, "v2", 400, 2, at, healthy_window)
+    calm = _check(_poll(engine, spec, healthy_window, since=since, window_alpha=0.01 / (2 * 3600)), "success_rate")
+    assert calm.verdict is Verdict.PASS

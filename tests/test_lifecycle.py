@@ -71,6 +71,16 @@ def test_a_step_is_a_compare_and_set_on_owner_and_versions() -> None:
     assert step_refusal(None, ME, "v1", "v2", first=True) is None
 
 
+def test_a_canary_rolled_back_behind_the_rollouts_back_is_not_brought_back() -> None:
+    """The trigger set the canary to 0 % and its records were lost (the row still says 10 %): no
+    step (a person's Approve, a promotion) may bring it back; the 0 % of a first step may start."""
+    why = step_refusal(split("v1", "v2", 0), ME, "v1", "v2", first=False, last_percent=10)
+    assert why is not None and "rolled back" in why and "10 %" in why
+    assert step_refusal(split("v1", "v2", 10), ME, "v1", "v2", first=False, last_percent=10) is None
+    assert step_refusal(split("v2", None, 0), ME, "v1", "v2", first=False, last_percent=60) is None  # promoting
+    assert step_refusal(split("v1", None, 0, "earlier"), ME, "v1", "v2", first=True, last_percent=0) is None
+
+
 def test_a_rollback_never_touches_another_split_nor_puts_an_old_model_back() -> None:
     assert rollback_refusal(split("v1", "v2", 30), ME, "v1", "v2") is None
     assert rollback_refusal(split("v1", "v2", 0.0, "someone"), ME, "v1", "v2") is None  # nothing to do

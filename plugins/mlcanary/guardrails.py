@@ -19,7 +19,10 @@ count tests use the stage's cumulative counts, ``[since, at)``, counted once mor
 :mod:`mlcanary.stats.counts`: the probability that a stage whose canary sits exactly at its SLO ever
 fails a test is at most ``alpha`` however many polls the stage takes (Ville's inequality; see
 ``bench/guardrail_false_alarms.py``), for each of the count tests. The window still decides PASS and
-drives the limit checks and the values shown. Without ``since`` (the command line, old callers) each
+drives the limit checks and the values shown. Given ``window_alpha`` as well (the trigger passes
+``alpha / 2`` over the watch's polls), each count test also tests the window alone at that level,
+and the stage's at ``alpha / 2``: a canary that turns bad late in a long stage is caught by its
+window at once, not after the stage's good counts are outweighed. Without ``since`` (the command line, old callers) each
 poll tests the window alone with the exact tests, as before: ``alpha`` then holds per poll, not per
 stage.
 
@@ -112,12 +115,23 @@ def _counts(bad: int, n: int) -> tuple[int, int]:
     return min(max(0, int(bad)), n), n
 
 
+def _fails(p_stage: float, p_window: float | None, g: GuardrailSpec, window_alpha: float | None) -> bool:
+    """The FAIL rule with the stage's counts: the anytime test on the stage at ``alpha``; or, given
+    ``window_alpha``, that test at ``alpha / 2`` or the window's exact test at ``window_alpha``
+    (the other half of ``alpha`` spread over the watch's polls: Bonferroni), so a canary that turns
+    bad late in a long stage is caught by its window at once. Either way at most ``alpha`` per watch."""
+    if window_alpha is None or p_window is None:
+        return p_stage <= g.alpha
+    return p_stage <= g.alpha / 2 or p_window <= window_alpha
+
+
 def error_budget_verdict(
     g: GuardrailSpec,
     failures: int,
     requests: int,
     stage_failures: int | None = None,
     stage_requests: int | None = None,
+    window_alpha: float | None = None,
 ) -> tuple[Verdict, float | None]:
     """The ``success_rate`` rule of one poll, and its p-value (None when no test was needed).
 
@@ -134,12 +148,15 @@ def error_budget_verdict(
     budget = 1 - g.success_rate_min
     if stage_requests is None:
         p = exceeds_share(failures, requests, budget)
-    else:
-        p = anytime_exceeds_share(*_counts(stage_failures or 0, stage_requests), budget)
-    return (Verdict.FAIL if p <= g.alpha else Verdict.INCONCLUSIVE), p
+        return (Verdict.FAIL if p <= g.alpha else Verdict.INCONCLUSIVE), p
+    p = anytime_exceeds_share(*_counts(stage_failures or 0, stage_requests), budget)
+    p_window = None if window_alpha is None else exceeds_share(failures, requests, budget)
+    return (Verdict.FAIL if _fails(p, p_window, g, window_alpha) else Verdict.INCONCLUSIVE), p
 
 
-def _absolute(lim: _Limit, arm: ArmHealth, g: GuardrailSpec, stage: ArmHealth | None = None) -> _Outcome:
+def _absolute(
+    lim: _Limit, arm: ArmHealth, g: GuardrailSpec, stage: ArmHealth | None = None, window_alpha: float | None = None
+) -> _Outcome:
     value: float | None = getattr(arm, lim.name)
     n: int = getattr(arm, lim.samples)
     if lim.samples == "requests" and n < g.min_requests:
@@ -157,7 +174,12 @@ def _absolute(lim: _Limit, arm: ArmHealth, g: GuardrailSpec, stage: ArmHealth | 
     if lim.name != "success_rate":
         return _Outcome(Verdict.FAIL, f"{said} (n={n:,})", value, n)
     verdict, p = error_budget_verdict(
-        g, arm.failures, n, None if stage is None else stage.failures, None if stage is None else stage.requests
+        g,
+        arm.failures,
+        n,
+        None if stage is None else stage.failures,
+        None if stage is None else stage.requests,
+        window_alpha,
     )
     budget = _fmt(1 - lim.limit, "%")
     if stage is None:
@@ -165,8 +187,8 @@ def _absolute(lim: _Limit, arm: ArmHealth, g: GuardrailSpec, stage: ArmHealth | 
     else:
         bad, total = _counts(stage.failures, stage.requests)
         evidence = (
-            f"window n={n:,}; stage so far: n={total:,}, {bad:,} failed; anytime p={p:.2g} "
-            f"against the {budget} error budget"
+            f"window n={n:,}{_window_p(exceeds_share(arm.failures, n, 1 - lim.limit), window_alpha)}; "
+            f"stage so far: n={total:,}, {bad:,} failed; anytime p={p:.2g} against the {budget} error budget"
         )
     if verdict is Verdict.FAIL:
         return _Outcome(Verdict.FAIL, f"{said} ({evidence})", value, n)
@@ -182,6 +204,7 @@ def evaluate_guardrails(
     *,
     since: datetime | None = None,
     canary_percent: float | None = None,
+    window_alpha: float | None = None,
 ) -> GuardrailResult:
     """Check the canary over ``[at - window, at)`` against the spec's limits (and the baseline); the
     window never reaches back before ``since`` (the stage's shift: no stage is judged on the traffic
@@ -242,8 +265,8 @@ def evaluate_guardrails(
         )
 
     for lim in _limits(g):
-        outcome = _absolute(lim, canary, g, stage_canary)
-        theirs = None if baseline is None else _absolute(lim, baseline, g, stage_baseline)
+        outcome = _absolute(lim, canary, g, stage_canary, window_alpha)
+        theirs = None if baseline is None else _absolute(lim, baseline, g, stage_baseline, window_alpha)
         shared = outcome.verdict is Verdict.FAIL and theirs is not None and theirs.verdict is Verdict.FAIL
         if shared and relative and relative.excuse_shared_breach:
             assert theirs is not None
@@ -263,7 +286,7 @@ def evaluate_guardrails(
         if relative.error_rate_ratio_max is not None:
             add(
                 "error_rate_vs_baseline",
-                _error_ratio(canary, baseline, relative.error_rate_ratio_max, g, both),
+                _error_ratio(canary, baseline, relative.error_rate_ratio_max, g, both, window_alpha),
                 relative.error_rate_ratio_max,
                 None if baseline.success_rate is None else 1 - baseline.success_rate,
                 baseline.requests,
@@ -279,6 +302,7 @@ def evaluate_guardrails(
                 relative.p99_latency_ratio_max,
                 g,
                 None if stage_start is None or stage_canary is None else (stage_start, stage_canary),
+                window_alpha,
             )
             add(
                 "p99_latency_vs_baseline",
@@ -318,6 +342,7 @@ def _error_ratio(
     ratio: float,
     g: GuardrailSpec,
     stage: tuple[ArmHealth, ArmHealth] | None = None,
+    window_alpha: float | None = None,
 ) -> _Outcome:
     n_c, n_b = canary.requests, baseline.requests
     rate = None if not n_c else canary.failures / n_c
@@ -341,11 +366,15 @@ def _error_ratio(
         bad_c, s_c = _counts(stage[0].failures, stage[0].requests)
         bad_b, s_b = _counts(stage[1].failures, stage[1].requests)
         p = anytime_exceeds_rate_ratio(bad_c, s_c, bad_b, s_b, ratio)
+        p_window = exceeds_rate_ratio(canary.failures, n_c, baseline.failures, n_b, ratio)
         said = (
             f"error_rate_vs_baseline: stage so far canary {_fmt(_rate(bad_c, s_c), '%')} vs baseline "
             f"{_fmt(_rate(bad_b, s_b), '%')} (limit {ratio:g}x; {bad_c:,}/{s_c:,} vs {bad_b:,}/{s_b:,} failed, "
-            f"anytime p={p:.2g}; window {_fmt(rate, '%')} of {n_c:,})"
+            f"anytime p={p:.2g}; window {_fmt(rate, '%')} of {n_c:,}{_window_p(p_window, window_alpha)})"
         )
+        if _fails(p, p_window, g, window_alpha):
+            return _Outcome(Verdict.FAIL, f"{said}: worse than the baseline", rate, n_c)
+        return _Outcome(Verdict.PASS, f"{said}: not worse than allowed", rate, n_c)
     if p <= g.alpha:
         return _Outcome(Verdict.FAIL, f"{said}: worse than the baseline", rate, n_c)
     return _Outcome(Verdict.PASS, f"{said}: not worse than allowed", rate, n_c)
@@ -361,6 +390,7 @@ def _latency_ratio(
     ratio: float,
     g: GuardrailSpec,
     stage: tuple[datetime, ArmHealth] | None = None,
+    window_alpha: float | None = None,
 ) -> _Outcome:
     """The canary's requests slower than ``ratio`` x the baseline's P99 in the window, against 1 %.
 
@@ -395,10 +425,17 @@ def _latency_ratio(
         stage_start, stage_canary = stage
         slower, total = _counts(source.slower_than(version, stage_start, end, limit), stage_canary.requests)
         p = anytime_exceeds_share(slower, total, 0.01)
+        p_window = None
+        if window_alpha is not None:
+            p_window = exceeds_share(source.slower_than(version, start, end, limit), n_c, 0.01)
         said = (
             f"{head}stage so far: {_fmt(_rate(slower, total), '%')} of {total:,} canary requests slower than "
-            f"{_fmt(limit, 'ms')} ({ratio:g}x the baseline's current P99; a P99 allows 1.00 %, anytime p={p:.2g})"
+            f"{_fmt(limit, 'ms')} ({ratio:g}x the baseline's current P99; a P99 allows 1.00 %, anytime p={p:.2g}"
+            f"{_window_p(p_window, window_alpha)})"
         )
+        if _fails(p, p_window, g, window_alpha):
+            return _Outcome(Verdict.FAIL, f"{said}: slower than the baseline", canary.p99_latency_ms, n_c)
+        return _Outcome(Verdict.PASS, f"{said}: not slower than allowed", canary.p99_latency_ms, n_c)
     if p <= g.alpha:
         return _Outcome(Verdict.FAIL, f"{said}: slower than the baseline", canary.p99_latency_ms, n_c)
     return _Outcome(Verdict.PASS, f"{said}: not slower than allowed", canary.p99_latency_ms, n_c)
@@ -441,6 +478,10 @@ def _sample_ratio(canary: ArmHealth, baseline: ArmHealth, percent: float, g: Gua
             c,
         )
     return _Outcome(Verdict.PASS, f"traffic split as configured: {said}", observed, c)
+
+
+def _window_p(p: float | None, window_alpha: float | None) -> str:
+    return "" if p is None or window_alpha is None else f", window p={p:.2g} (level {window_alpha:.2g})"
 
 
 def _fmt(value: float | None, unit: str) -> str:

@@ -113,11 +113,15 @@ def start_refusal(current: Split | None, canary: str, baseline: str | None) -> s
     return None
 
 
-def step_refusal(before: Split | None, rollout_id: str, baseline: str, canary: str, *, first: bool) -> str | None:
+def step_refusal(
+    before: Split | None, rollout_id: str, baseline: str, canary: str, *, first: bool, last_percent: float = 0.0
+) -> str | None:
     """Compare-and-set: why this rollout may not change ``before`` (None: it may).
 
     A rollout changes only the split it set (``before.owner`` is this rollout, with its two versions).
-    Its first step may also start from its baseline serving alone, whoever set that split.
+    Its first step may also start from its baseline serving alone, whoever set that split. A split of
+    its own at 0 % while it last recorded ``last_percent`` > 0 was rolled back (by a trigger whose
+    records were lost): no step brings that canary back.
     """
     if (
         before is not None
@@ -129,6 +133,11 @@ def step_refusal(before: Split | None, rollout_id: str, baseline: str, canary: s
             None,
         }
     ):
+        if last_percent > 0 and before.share(canary) == 0.0:
+            return (
+                f"the canary is at 0 % though this rollout last set {last_percent:g} %: it was rolled back "
+                "(its records were lost); nothing is changed"
+            )
         return None
     if first and (before is None or (before.baseline_version == baseline and serves_alone(before, baseline))):
         return None

@@ -316,7 +316,9 @@ def _step(
         raise StepRefused(why)
     before = _read_or_record(engine, router, ref, note)
     first = row.stage_reached == 0  # this rollout's first traffic step: it may start from the baseline alone
-    why = step_refusal(before, ref.rollout_id, ref.baseline_version, ref.canary_version, first=first)
+    why = step_refusal(
+        before, ref.rollout_id, ref.baseline_version, ref.canary_version, first=first, last_percent=row.canary_percent
+    )
     if why:
         _record_only(engine, ref, before, f"REFUSED {note}: {why}")
         raise StepRefused(why)

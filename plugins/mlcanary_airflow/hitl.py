@@ -12,7 +12,7 @@ the decisions table with who gave it.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLBranchOperator, HITLOperator
 from airflow.sdk import Context
@@ -46,8 +46,10 @@ class GuardedQuestion(RolloutTaskMixin):
     (:class:`~mlcanary_airflow.triggers.GuardedHITLTrigger`), instead of Airflow 3.3's unwatched
     ``awaiting_input``: the task defers, and the question is listed under Required Actions."""
 
-    def ask(self, context: Context, rollout: RolloutRef, stage: int, reject: str, waiting_for: str) -> NoReturn:
+    def ask(self, context: Context, rollout: RolloutRef, stage: int, reject: str, waiting_for: str) -> Any:
         op: Any = self  # a HITLOperator
+        if stage < 1:  # before the first stage (a one-stage rollout's approval): no canary traffic to watch
+            return HITLOperator.execute(op, context)
         ti_id = context["task_instance"].id
         upsert_hitl_detail(
             ti_id=ti_id,
@@ -80,7 +82,7 @@ class GuardedQuestion(RolloutTaskMixin):
             ),
             method_name="execute_complete",
         )
-        raise AssertionError("defer() raises")  # pragma: no cover
+        raise AssertionError("defer() raises")
 
     def breach(self, context: Context, ref: RolloutRef, event: dict[str, Any], stage: int, waiting_for: str) -> bool:
         """If the guardrails ended the question: the canary at 0 % (the trigger did it, or now)."""
@@ -121,7 +123,7 @@ class ApproveFinalStageOperator(GuardedQuestion, ApprovalOperator):
         rollout = self.rollout(context, Action.LOOK)  # skips when the rollout never started or ended
         stage = len(self.spec.stages) - 1
         self.decide(rollout, "ask", "waiting for approval of the final stage", stage, key="ask:approval")
-        self.ask(context, rollout, stage, ApprovalOperator.REJECT, APPROVAL)
+        return self.ask(context, rollout, stage, ApprovalOperator.REJECT, APPROVAL)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         # Record first: on Reject the base class skips the final stage by raising (Airflow 3's skip).
@@ -187,7 +189,7 @@ class DecideOperator(GuardedQuestion, HITLBranchOperator):
                     f"**{verdict.value}**: {final.get('reason')}\n\nPromote it, Extend the analysis (then decided "
                     f"automatically), or Roll back. No answer within {p.ask_timeout} rolls back."
                 )
-                self.ask(context, rollout, stage, ROLL_BACK, DECISION)  # defers, watched by the guardrails
+                return self.ask(context, rollout, stage, ROLL_BACK, DECISION)  # defers, watched by the guardrails
         self.log.info(nxt.reason)
         self.roll_back_now(context, rollout.ref, nxt.reason)
         return self.do_branch(context, None)  # skip the promotion: the rollback is done

@@ -291,16 +291,18 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         return self.spec.policies.for_verdict(invalid=verdict is Verdict.INVALID)
 
     def execute(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        if event and event.get("guardrails"):  # the guardrails ended the wait for this look (and rolled back)
+            g = event["guardrails"]
+            why = f"{g['reason']} (while waiting for {NEXT_LOOK})"
+            self.stop(
+                context, self.ref(context), after_guardrails(g["status"], why, self.stage), event.get("rolled_back")
+            )
         rollout = self.rollout(context, Action.LOOK)  # a rollout rolling back goes no further
         wait = f"analysis:{self.task_id}"
         if event is None:  # a first look, or a retry after a worker died: go on from the last saved look
             with self.engine.connect() as conn:
                 event = progress.load(conn, rollout.rollout_id, wait)
         state = event or {}  # what the previous look handed over (see GuardedWaitTrigger)
-        if state.get("guardrails"):  # the guardrails ended the wait for this look
-            g = state["guardrails"]
-            why = f"{g['reason']} (while waiting for {NEXT_LOOK})"
-            self.stop(context, rollout.ref, after_guardrails(g["status"], why, self.stage), state.get("rolled_back"))
         first_look: float = state.get("first_look") or time.time()
         fails: int = state.get("fails", 0)
         look: int = state.get("look", 0) + 1

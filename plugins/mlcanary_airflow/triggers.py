@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ CLOCK = Clock()
 
 class _GuardrailPolls(BaseTrigger):
     """What every trigger that watches a stage's guardrails shares: one poll at a time in a thread
-    of its own with a time limit (``max(interval, 5 s)``), so a slow or hung source is this
-    trigger's error and never another rollout's wait; every poll and source error written to the
+    of the loop's pool with a time limit (``max(interval, 5 s)``), so a slow or hung source is this
+    trigger's error and does not hold up another rollout's polls (the triggerer's one shared thread
+    would); every poll and source error written to the
     measurements table with the watch's counters (:mod:`mlcanary.progress`), so a restarted
     trigger goes on from them. The window of a poll starts no earlier than the stage's shift."""
 
@@ -107,7 +109,14 @@ class _GuardrailPolls(BaseTrigger):
             self.baseline_version,
             since=since,
             canary_percent=self._share(spec, now, since),
+            window_alpha=spec.guardrails.alpha / (2 * self.max_polls(spec)),
         )
+
+    def max_polls(self, spec: RolloutSpec) -> int:
+        """How many polls this watch can take: the window tests share ``alpha / 2`` among them."""
+        g = spec.guardrails
+        longest = spec.stages[max(self.stage, 1) - 1].bake + g.deadline_margin
+        return max(1, math.ceil(longest / g.interval))
 
     def _share(self, spec: RolloutSpec, now: datetime, since: datetime | None) -> float | None:
         """The canary's share in force, for the sample-ratio check; None in a dry run (nothing moved)
@@ -181,15 +190,27 @@ class _GuardrailPolls(BaseTrigger):
         }
 
     async def _end_badly(self, spec: RolloutSpec, ended: Ended) -> dict[str, Any]:
-        await self._in_thread(self._limit(spec), self._clear, spec)
-        return await asyncio.to_thread(self._roll_back_now, spec, ended)  # no time limit: never abandoned
+        done = await asyncio.to_thread(self._roll_back_now, spec, ended)  # no time limit: never abandoned
+        await self._best_effort(spec, self._clear, spec)
+        return done
 
     async def _in_thread(self, limit: float, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn`` in a thread of the loop's pool, never the triggerer's one shared thread."""
         return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout=limit)
 
+    async def _best_effort(self, spec: RolloutSpec, fn: Callable[..., Any], *args: Any) -> None:
+        """Bookkeeping (the counters, a source error's record) that must never end the watch."""
+        try:
+            await self._in_thread(self._limit(spec), fn, *args)
+        except Exception as exc:  # a timeout included: the watch goes on without it
+            self.log.warning("guardrails stage %d: %s skipped: %s", self.stage, fn.__name__, exc or type(exc).__name__)
+
     async def _start(self, spec: RolloutSpec) -> WatchState:
-        state = await self._in_thread(self._limit(spec), self._load, spec)
+        try:
+            state = await self._in_thread(self._limit(spec), self._load, spec)
+        except TimeoutError:
+            self.log.warning("guardrails stage %d: the watch's counters took too long to load: afresh", self.stage)
+            state = WatchState()
         if state.polls:
             self.log.info(
                 "guardrails stage %d: going on from %d polls, %.0f s baked",
@@ -217,13 +238,18 @@ class _GuardrailPolls(BaseTrigger):
             new, ended = after_poll(
                 state, g, result.verdict, result.reason, result.missing, polled, bake_seconds, rolls_back
             )
-            await self._in_thread(limit, self._record, spec, result.checks, new)
+            try:
+                await self._in_thread(limit, self._record, spec, result.checks, new)
+            except Exception as exc:
+                if ended is None or ended.end is End.HEALTHY:
+                    raise  # no advance, and no all-clear, without its audit: an error like any other
+                self.log.error("guardrails stage %d: this poll could not be recorded: %s", self.stage, exc)
             return new, ended, max(0.0, polled + g.interval.total_seconds() - CLOCK.monotonic()), result
         except Exception as exc:  # any source failure (or a poll past its limit) is retried, then fails closed
             what = f"poll took longer than {limit:g} s" if isinstance(exc, TimeoutError) else str(exc)
             new, ended, delay = after_error(state, g, f"{type(exc).__name__}: {what}")
             self.log.warning("guardrails stage %d: %s", self.stage, new.reason)
-            await self._in_thread(limit, self._record_error, spec, new)
+            await self._best_effort(spec, self._record_error, spec, new)
             return new, ended, max(0.0, polled + delay - CLOCK.monotonic()), None
 
 
@@ -255,7 +281,7 @@ class GuardrailTrigger(_GuardrailPolls):
             if ended is not None:
                 healthy = ended.end is End.HEALTHY
                 if healthy:
-                    await self._in_thread(self._limit(spec), self._clear, spec)
+                    await self._best_effort(spec, self._clear, spec)
                 yield TriggerEvent(
                     {
                         "status": ended.end.value,
@@ -281,6 +307,9 @@ class GuardedWaitTrigger(_GuardrailPolls):
 
     wait_prefix = "watch"
 
+    def max_polls(self, spec: RolloutSpec) -> int:
+        return max(1, math.ceil(spec.analysis.interval / spec.guardrails.interval))
+
     def __init__(self, at_epoch: float, state: dict[str, Any], **watch: Any) -> None:
         super().__init__(**watch)
         self.at_epoch = at_epoch
@@ -304,7 +333,7 @@ class GuardedWaitTrigger(_GuardrailPolls):
                 )
                 return
             if CLOCK.wall() >= self.at_epoch:
-                await self._in_thread(self._limit(spec), self._clear, spec)
+                await self._best_effort(spec, self._clear, spec)
                 yield TriggerEvent({**self.state, "guardrails": None})
                 return
             await CLOCK.sleep(wait)
@@ -320,11 +349,19 @@ class GuardedHITLTrigger(_GuardrailPolls):
 
     wait_prefix = "ask"
 
+    def max_polls(self, spec: RolloutSpec) -> int:
+        """The question's timeout in polls (a day without one), counted when the watch starts."""
+        if self._max_polls is None:
+            timeout = self.question.timeout_datetime
+            seconds = 86400.0 if timeout is None else max(0.0, (timeout - hitl_utcnow()).total_seconds())
+            self._max_polls = max(1, math.ceil(seconds / spec.guardrails.interval.total_seconds()))
+        return self._max_polls
+
     def __init__(self, hitl: dict[str, Any], reject: str, **watch: Any) -> None:
         super().__init__(**watch)
-        self.hitl_kwargs = hitl
         self.reject = reject
         self.question = HITLTrigger(**hitl)
+        self._max_polls: int | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         kwargs = self._kwargs() | {"hitl": self.question.serialize()[1], "reject": self.reject}
@@ -347,12 +384,12 @@ class GuardedHITLTrigger(_GuardrailPolls):
         next_poll = CLOCK.monotonic()
         while True:
             if q.timeout_datetime and q.timeout_datetime < hitl_utcnow():
-                await self._in_thread(self._limit(spec), self._clear, spec)
+                await self._best_effort(spec, self._clear, spec)
                 yield await q._handle_timeout()
                 return
             answered = await q._handle_response()
             if answered is not None:
-                await self._in_thread(self._limit(spec), self._clear, spec)
+                await self._best_effort(spec, self._clear, spec)
                 yield answered
                 return
             if CLOCK.monotonic() >= next_poll:
@@ -360,8 +397,10 @@ class GuardedHITLTrigger(_GuardrailPolls):
                 if ended is not None:
                     done = await self._end_badly(spec, ended)  # traffic first, then the question
                     closed = await asyncio.to_thread(self._close)
+                    breach = {"status": ended.end.value, "reason": ended.reason}
                     if closed is None and (answered := await q._handle_response()) is not None:
-                        yield answered  # a person's answer came first; the task still sees the breach next
+                        # a person's answer came first: it goes on, with the breach and its rollback
+                        yield TriggerEvent({**answered.payload, "guardrails": breach, "rolled_back": done})
                         return
                     yield TriggerEvent(
                         {
@@ -370,7 +409,7 @@ class GuardedHITLTrigger(_GuardrailPolls):
                             "responded_by_user": None,
                             "responded_at": hitl_utcnow() if closed is None else closed.responded_at,
                             "timedout": False,
-                            "guardrails": {"status": ended.end.value, "reason": ended.reason},
+                            "guardrails": breach,
                             "rolled_back": done,
                         }
                     )
