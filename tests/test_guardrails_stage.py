@@ -133,6 +133,10 @@ class FakeSource:
         self.calls.append((version, start, end))
         return self.arms[(version, start, end)]
 
+    def request_counts(self, version: str, start: datetime, end: datetime) -> tuple[int, int]:
+        arm = self.measure(version, start, end)
+        return arm.requests, arm.failures
+
     def slower_than(self, version: str, start: datetime, end: datetime, latency_ms: float) -> int:
         return self.slower[(version, start, end)]
 

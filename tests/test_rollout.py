@@ -156,6 +156,23 @@ def test_a_step_changes_only_its_own_split(engine: sa.Engine, spec: RolloutSpec)
     assert router.get_split(spec.model) == Split(spec.model, "v1", "v9", 30.0)  # not ours: untouched
 
 
+def test_a_rollback_whose_records_were_lost_is_not_undone_by_a_later_step(engine: sa.Engine, spec: RolloutSpec) -> None:
+    """The triggerer set the canary to 0 % and could not record it (the warehouse was down): the row
+    still says running at stage 1. A person's Approve (the next shift) or a promotion, resumed
+    afterwards, must not bring the canary back."""
+    router = WarehouseRouter(engine)
+    _serving(router, spec)
+    r = steps.begin_rollout(engine, router, spec, "r", "v2")
+    steps.shift_to_stage(engine, router, spec, r, 1)
+    router.set_split(Split(spec.model, "v1", "v2", 0.0), "r")  # the rollback's write; its records lost
+    assert _row(engine, "r").status.value == "running" and _row(engine, "r").canary_percent == 10.0
+    with pytest.raises(steps.StepRefused, match="it was rolled back"):
+        steps.shift_to_stage(engine, router, spec, r, 2)
+    with pytest.raises(steps.StepRefused, match="it was rolled back"):
+        steps.promote(engine, router, r, "approved")
+    assert router.get_split(spec.model) == Split(spec.model, "v1", "v2", 0.0)
+
+
 def test_shift_is_idempotent_and_recorded_once(engine: sa.Engine, spec: RolloutSpec) -> None:
     router = FlakyRouter(engine)
     _serving(router, spec)

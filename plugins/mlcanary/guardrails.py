@@ -15,7 +15,7 @@ Each poll measures both arms through a :class:`~mlcanary.sources.MetricSource` a
 
 Error control. With ``since`` (the moment the stage's split was applied; the trigger passes it) the
 count tests use the stage's cumulative counts, ``[since, at)``, counted once more per arm
-(:func:`~mlcanary.sources.base.measure_counts`), and the anytime-valid tests of
+(``MetricSource.request_counts``), and the anytime-valid tests of
 :mod:`mlcanary.stats.counts`: the probability that a stage whose canary sits exactly at its SLO ever
 fails a test is at most ``alpha`` however many polls the stage takes (Ville's inequality; see
 ``bench/guardrail_false_alarms.py``), for each of the count tests. The window still decides PASS and
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from mlcanary.sources.base import ArmHealth, MetricSource, measure_counts
+from mlcanary.sources.base import ArmHealth, MetricSource
 from mlcanary.spec import GuardrailSpec, RolloutSpec
 from mlcanary.stats.counts import (
     anytime_exceeds_rate_ratio,
@@ -195,6 +195,11 @@ def _absolute(
     return _Outcome(Verdict.INCONCLUSIVE, f"{said} but not significantly ({evidence}): holding", value, n)
 
 
+def _stage_counts(source: MetricSource, version: str, start: datetime, end: datetime) -> ArmHealth:
+    requests, failures = source.request_counts(version, start, end)
+    return ArmHealth(requests, failures, None, 0, None, None)
+
+
 def evaluate_guardrails(
     source: MetricSource,
     spec: RolloutSpec,
@@ -231,8 +236,8 @@ def evaluate_guardrails(
         if stage_start == start:  # the stage is younger than the window: the same counts
             stage_canary, stage_baseline = canary, baseline
         else:
-            stage_canary = measure_counts(source, canary_version, stage_start, end)
-            stage_baseline = measure_counts(source, baseline_version, stage_start, end) if baseline_version else None
+            stage_canary = _stage_counts(source, canary_version, stage_start, end)
+            stage_baseline = _stage_counts(source, baseline_version, stage_start, end) if baseline_version else None
     relative = g.baseline if baseline is not None else None
     checks: list[CheckResult] = []
     missing: list[str] = []

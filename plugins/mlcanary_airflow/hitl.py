@@ -12,13 +12,13 @@ the decisions table with who gave it.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLBranchOperator, HITLOperator
 from airflow.sdk import Context
 from airflow.sdk.bases.notifier import BaseNotifier
-from airflow.sdk.execution_time.hitl import upsert_hitl_detail
-from airflow.sdk.timezone import utcnow
+from airflow.sdk.exceptions import TaskAwaitingInput
 
 from mlcanary.lifecycle import Action, Step, after_guardrails, final_decision
 from mlcanary.rollout import RolloutRef
@@ -50,28 +50,18 @@ class GuardedQuestion(RolloutTaskMixin):
         op: Any = self  # a HITLOperator
         if stage < 1:  # before the first stage (a one-stage rollout's approval): no canary traffic to watch
             return HITLOperator.execute(op, context)
-        ti_id = context["task_instance"].id
-        upsert_hitl_detail(
-            ti_id=ti_id,
-            options=op.options,
-            subject=op.subject,
-            body=op.body,
-            defaults=op.defaults,
-            multiple=op.multiple,
-            params=op.serialized_params,
-            assigned_users=op.assigned_users,
-        )
-        timeout = utcnow() + op.response_timeout if op.response_timeout else None
-        op.hitl_summary_extra["timeout_datetime"] = timeout.isoformat() if timeout else None
-        for notifier in op.notifiers:
-            notifier(context)
+        try:  # Airflow's own first half: the request written, the notifiers called, the timeout set
+            return HITLOperator.execute(op, context)
+        except TaskAwaitingInput:  # ... then, instead of its unwatched awaiting_input, a watched deferral
+            pass
+        timeout = op.hitl_summary_extra["timeout_datetime"]
         hitl = dict(
-            ti_id=ti_id,
+            ti_id=context["task_instance"].id,
             options=op.options,
             defaults=op.defaults,
             params=op.serialized_params,
             multiple=op.multiple,
-            timeout_datetime=timeout,
+            timeout_datetime=None if timeout is None else datetime.fromisoformat(timeout),
             poke_interval=min(5.0, self.spec.guardrails.interval.total_seconds()),
         )
         op.defer(

@@ -24,7 +24,7 @@ from mlcanary.lifecycle import after_guardrails
 from mlcanary.sources import MetricSource
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import CheckResult, Verdict
-from mlcanary.warehouse.engine import utcnow
+from mlcanary.warehouse.engine import naive_utc, utcnow
 from mlcanary.watch import End, Ended, WatchState, after_error, after_poll, past_deadline
 from mlcanary_airflow.hooks import WarehouseHook, metric_source, router_for
 
@@ -99,7 +99,7 @@ class _GuardrailPolls(BaseTrigger):
         source = source or metric_source(spec)
         since = None
         if self.stage_started_epoch is not None:
-            since = datetime.fromtimestamp(self.stage_started_epoch, UTC).replace(tzinfo=None)
+            since = naive_utc(datetime.fromtimestamp(self.stage_started_epoch, UTC))
         now = utcnow()
         return source, evaluate_guardrails(
             source,

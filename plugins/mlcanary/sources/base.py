@@ -34,20 +34,9 @@ class MetricSource(Protocol):
     def measure(self, version: str, start: datetime, end: datetime) -> ArmHealth:
         """Requests, failures, P99 latency and mean resource use of ``version`` in ``[start, end)``."""
 
+    def request_counts(self, version: str, start: datetime, end: datetime) -> tuple[int, int]:
+        """Requests and failed requests of ``version`` in ``[start, end)`` only (no P99, no resources):
+        what the stage-level count tests need over a range as long as the stage."""
+
     def slower_than(self, version: str, start: datetime, end: datetime, latency_ms: float) -> int:
         """How many of the version's requests in ``[start, end)`` took longer than ``latency_ms``."""
-
-
-def measure_counts(source: MetricSource, version: str, start: datetime, end: datetime) -> ArmHealth:
-    """Only the requests and failures of ``version`` in ``[start, end)`` (the other fields empty): what
-    the stage-level count tests need over a range as long as the stage.
-
-    A source may offer ``request_counts(version, start, end) -> (requests, failures)``, which skips
-    the P99 and resource means of :meth:`MetricSource.measure` (the warehouse sorts the range's
-    latencies for the P99); otherwise this is ``measure``.
-    """
-    counts = getattr(source, "request_counts", None)
-    if counts is None:
-        return source.measure(version, start, end)
-    requests, failures = counts(version, start, end)
-    return ArmHealth(requests, failures, None, 0, None, None)
