@@ -72,6 +72,7 @@ SPEC = {
     "analysis": {
         "window": "2d",
         "label_delay": "0s",
+        "allow_short_bakes": True,
         "min_samples": 1000,
         "segments": ["user_cohort", "device", "region"],
         "metrics": [

@@ -60,6 +60,7 @@ def base_spec(**overrides: Any) -> dict[str, Any]:
             "interval": "2s",
             "window": "10m",
             "label_delay": "1s",
+            "min_label_window": "1s",
             "min_samples": 300,
             "segments": ["user_cohort"],
             "metrics": [{"name": "ctr", "tolerance": 0.1}],

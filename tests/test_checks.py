@@ -203,6 +203,7 @@ def test_prediction_error_critical_segment(engine: sa.Engine, write_batch: Write
         base_spec(
             analysis={
                 "label_delay": "1s",
+                "min_label_window": "1s",
                 "window": "1h",
                 "min_samples": 500,
                 "segments": ["device"],

@@ -213,3 +213,44 @@ def test_a_breach_during_an_extension_rolls_back_within_one_interval(
     reaction = rollback.decided_at.replace(tzinfo=UTC).timestamp() - injected[0]
     assert reaction < 1 + 2 + 1  # one guardrail interval, the simulator's tick and window filling, a poll
     assert [d.action for d in out.decisions].count("extend") == 1  # no second look: the wait ended first
+
+
+def test_a_ctr_collapse_early_in_a_long_stage_rolls_back_before_the_bake_ends(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 10-minute first stage, infrastructure healthy, CTR down 40 % from the first request: the
+    analysis looking every 2 s beside the guardrail polls rolls back within seconds, not after the bake."""
+    stages = [{"percent": 10, "bake": "600s"}, {"percent": 50, "bake": "4s"}]
+    started = time.monotonic()
+    out = run_rollout(tmp_path, monkeypatch, faults=("v2:ctr_drop=0.4",), stages=stages)
+    took = time.monotonic() - started
+    assert out.state == "failed" and out.rollout.status == "rolled_back" and out.rollout.stage_reached == 1
+    assert out.rollout.reason.startswith("analysis stage 1: failing look 1 of 1 during the bake: ctr fell")
+    assert out.traffic == [10.0, 0.0] and out.split.share("v2") == 0.0
+    assert out.task_states["stage_1.guardrails"] == "failed"  # the stage's watch ended it
+    assert out.task_states["stage_1.analysis"] == "upstream_failed"
+    with make_engine(f"sqlite:///{tmp_path}/warehouse.db").connect() as conn:
+        h = traffic_history.c
+        shifted, zero = conn.execute(
+            sa.select(sa.func.min(h.applied_at), sa.func.max(h.applied_at)).where(h.applied)
+        ).one()
+    in_stage = (zero - shifted).total_seconds()
+    print(f"\nCTR collapse: rolled back {in_stage:.1f} s into a 600 s stage ({took:.0f} s in all)")
+    assert in_stage < 90 and took < 120
+
+
+def test_advance_on_pass_holds_an_inconclusive_stage_then_rolls_back(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``advance_on: pass``: a healthy candidate with too little evidence never leaves stage 1; it is
+    looked at again until ``max_extension`` is spent, then rolled back with the rule named."""
+    analysis = {**E2E_ANALYSIS, "min_samples": 10_000_000, "advance_on": "pass"}
+    out = run_rollout(
+        tmp_path, monkeypatch, analysis=analysis, policies={"inconclusive": "extend", "max_extension": "6s"}
+    )
+    assert out.rollout.status == "rolled_back" and out.rollout.stage_reached == 1
+    assert out.rollout.reason.startswith("analysis: still INCONCLUSIVE after 6s (advance_on pass)")
+    assert out.traffic == [10.0, 0.0]
+    extended = [d for d in out.decisions if d.action == "extend"]
+    assert extended and all(d.stage == 1 for d in extended)
+    assert extended[0].reason.startswith("INCONCLUSIVE, advance_on pass: looking again in 2s")

@@ -154,7 +154,7 @@ def test_extend_looks_again_then_decides(api: Any, tmp_path: Path, monkeypatch: 
     assert out.task_states["extend"] == "success"
     assert out.task_states["promote_after_extension"] == "skipped" and out.task_states["promote"] == "skipped"
     assert out.rollout.status == "rolled_back"
-    assert out.rollout.reason.startswith("extended analysis still INCONCLUSIVE after 0:00:06")
+    assert out.rollout.reason.startswith("extended analysis still INCONCLUSIVE after 6s")
     assert [d.action for d in out.decisions].count("extend") >= 2  # the choice, then the looks
 
 

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 
+from conftest import base_spec
 from mlcanary.lifecycle import (
     ALLOWED,
     Action,
@@ -23,7 +24,10 @@ from mlcanary.lifecycle import (
     step_refusal,
 )
 from mlcanary.routers.base import Split
+from mlcanary.spec import parse_spec
 from mlcanary.verdict import Verdict
+from mlcanary.watch import End, Ended, WatchState, after_poll
+from mlcanary.watch import after_look as watch_after_look
 
 ME = "rollout__r/run-1"
 
@@ -118,6 +122,39 @@ def test_guardrails_proceed_only_when_healthy() -> None:
     for status in ("breach", "no_data", "error", "timeout"):
         nxt = after_guardrails(status, "why", 2)
         assert nxt.step is Step.ROLL_BACK and nxt.reason == f"guardrails stage 2 {status}: why"
+    nxt = after_guardrails("analysis_fail", "failing look 2 of 2 during the bake: ctr -20 %", 1)
+    assert nxt.step is Step.ROLL_BACK
+    assert nxt.reason == "analysis stage 1: failing look 2 of 2 during the bake: ctr -20 %"
+
+
+def test_background_looks_end_the_watch_after_consecutive_fails_in_a_row() -> None:
+    state = WatchState(polls=7, healthy_seconds=30.0)
+    state, ended = watch_after_look(state, Verdict.FAIL, "ctr down", consecutive_fails=2)
+    assert ended is None and (state.looks, state.look_fails) == (1, 1)
+    state, ended = watch_after_look(state, Verdict.INCONCLUSIVE, "few rows", consecutive_fails=2)
+    assert ended is None and state.look_fails == 0  # the streak is broken
+    state, _ = watch_after_look(state, Verdict.FAIL, "ctr down", consecutive_fails=2)
+    state, ended = watch_after_look(state, Verdict.FAIL, "ctr down more", consecutive_fails=2)
+    assert ended == Ended(End.ANALYSIS, "failing look 2 of 2 during the bake: ctr down more")
+    assert (state.polls, state.healthy_seconds, state.looks) == (7, 30.0, 4)  # the bake is the polls' business
+    travelled = WatchState.from_dict(state.to_dict())  # the counters travel with a restarted trigger
+    assert (travelled.looks, travelled.look_fails) == (4, 2)
+    assert (
+        WatchState.from_dict(
+            {"polls": 3, "healthy_seconds": 1.0, "breaches": 0, "no_data": 0, "errors": 0, "reason": "r"}
+        ).looks
+        == 0
+    )  # counters saved before looks existed
+    _, ended = watch_after_look(WatchState(), Verdict.FAIL, "x", consecutive_fails=1)
+    assert ended is not None and ended.end is End.ANALYSIS
+
+
+def test_polls_keep_the_looks_counters() -> None:
+    g = parse_spec(base_spec()).guardrails
+    state = WatchState(looks=3, look_fails=1)
+    for verdict in (Verdict.PASS, Verdict.INCONCLUSIVE, Verdict.FAIL):
+        new, _ = after_poll(state, g, verdict, "r", [], 1.0, 100.0)
+        assert (new.looks, new.look_fails) == (3, 1), verdict
 
 
 def _look(verdict: Verdict, **kw: object) -> Step:
@@ -145,6 +182,31 @@ def test_after_a_look() -> None:
         Step.PROCEED
     )  # one more interval would pass max_extension
     assert _look(Verdict.PASS, final=True, policy="extend") is Step.PROCEED
+
+
+def test_advance_on_pass_holds_a_stage_until_it_passes() -> None:
+    pass_only = dict(advance_on="pass")
+    assert _look(Verdict.PASS, **pass_only) is Step.PROCEED
+    assert _look(Verdict.INCONCLUSIVE, **pass_only) is Step.LOOK_AGAIN
+    assert _look(Verdict.INVALID, policy="ask", **pass_only) is Step.LOOK_AGAIN
+    assert _look(Verdict.INVALID, **pass_only) is Step.ROLL_BACK  # the invalid policy first
+    late = _look(Verdict.INCONCLUSIVE, waited=timedelta(minutes=4, seconds=1), **pass_only)
+    assert late is Step.ROLL_BACK  # max_extension spent without a PASS
+    nxt = after_look(
+        Verdict.INCONCLUSIVE,
+        "few rows",
+        final=False,
+        policy="rollback",
+        fails=0,
+        consecutive_fails=1,
+        waited=timedelta(minutes=5),
+        interval=timedelta(minutes=1),
+        max_extension=timedelta(minutes=5),
+        advance_on="pass",
+    )
+    assert nxt.reason == "analysis: still INCONCLUSIVE after 5m (advance_on pass): few rows"
+    # the last stage is the policies' to decide, whatever advance_on says
+    assert _look(Verdict.INCONCLUSIVE, final=True, **pass_only) is Step.PROCEED
 
 
 def test_the_final_decision() -> None:

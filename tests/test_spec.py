@@ -108,8 +108,8 @@ def test_defaults_follow_the_warehouse_contract() -> None:
         ({"router": {"kind": "sagemaker"}}, "router.sagemaker.endpoint_name", "Field required"),
         (
             {"router": {"kind": "kserve", "inference_service": "r"}, "stages": [{"percent": 12.5, "bake": "1m"}]},
-            "(top level)",
-            "stages.0.percent 12.5: KServe takes whole percentages",
+            "stages.0.percent 12.5",
+            "KServe takes whole percentages",
         ),
         ({"notifications": {"email": {"to": ["not-an-address"]}}}, "notifications.email.to.0", "should match pattern"),
         ({"policies": {"inconclusive": "ask", "ask_timeout": "soon"}}, "policies.ask_timeout", "duration"),
@@ -139,6 +139,38 @@ def test_broken_spec_names_file_and_field(tmp_path: Path, change: dict, field: s
     text = str(err.value)
     assert text.startswith(f"{path}: "), text
     assert any(p.startswith(f"{field}: ") and message in p for p in err.value.problems), text
+
+
+def test_a_bake_that_can_never_see_its_own_labels_is_refused_unless_the_spec_says_so(tmp_path: Path) -> None:
+    data = base_spec(stages=[{"percent": 5, "bake": "10m"}, {"percent": 50, "bake": "1h"}])
+    data["analysis"] |= {"label_delay": "30m", "min_label_window": "5m"}
+    path = tmp_path / "late_labels.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert err.value.problems == [
+        "stages.0.bake 10m shorter than analysis.label_delay 30m + analysis.min_label_window 5m: the analysis "
+        "could never see label-complete rows of that stage's own traffic; bake longer, or set "
+        "analysis.allow_short_bakes: true to let the guardrails alone gate it"
+    ]
+    assert str(err.value).startswith(f"{path}: stages.0.bake 10m")
+    data["analysis"]["allow_short_bakes"] = True
+    assert parse_spec(data).analysis.allow_short_bakes
+    data["analysis"] |= {"allow_short_bakes": False, "label_delay": "56m"}
+    with pytest.raises(SpecError, match=r"stages\.0\.bake 10m, stages\.1\.bake 1h shorter"):
+        parse_spec(data)
+    data["analysis"]["label_delay"] = "5m"  # 10m = 5m + 5m: just enough
+    assert parse_spec(data).analysis.label_delay == timedelta(minutes=5)
+
+
+def test_the_rule_to_advance_a_stage_is_explicit() -> None:
+    assert parse_spec(base_spec()).analysis.advance_on == "pass_or_inconclusive"
+    data = base_spec()
+    data["analysis"]["advance_on"] = "pass"
+    assert parse_spec(data).analysis.advance_on == "pass"
+    data["analysis"]["advance_on"] = "inconclusive"
+    with pytest.raises(SpecError, match=r"analysis\.advance_on: Input should be 'pass' or 'pass_or_inconclusive'"):
+        parse_spec(data)
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import json
 import time
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ from conftest import Writer, base_spec
 from mlcanary.spec import parse_spec
 from mlcanary.warehouse.schema import measurements
 from mlcanary_airflow.triggers import GuardrailTrigger
+
+GUARDRAIL = measurements.c.tier == "guardrail"  # the polls' rows, not the background looks'
 
 
 def _trigger(
@@ -53,7 +55,7 @@ def _first_event(trigger: GuardrailTrigger) -> dict:
 
 def _polls(engine: sa.Engine) -> int:
     with engine.connect() as conn:
-        return conn.execute(sa.select(sa.func.count(sa.distinct(measurements.c.measured_at)))).scalar()
+        return conn.execute(sa.select(sa.func.count(sa.distinct(measurements.c.measured_at))).where(GUARDRAIL)).scalar()
 
 
 def test_no_data_never_bakes_and_the_deadline_ends_it(
@@ -92,7 +94,7 @@ def test_healthy_after_a_full_bake(
     assert event["status"] == "healthy"
     assert event["healthy_seconds"] >= 2 and event["polls"] >= 3
     with engine.connect() as conn:  # every poll is audited with its values, sample sizes and limits
-        rows = conn.execute(sa.select(measurements)).all()
+        rows = conn.execute(sa.select(measurements).where(GUARDRAIL)).all()
     assert len(rows) == 5 * event["polls"]  # four limits and the sample ratio
     assert {r.check_name for r in rows if r.verdict == "PASS"} >= {"sample_ratio"}
     for r in (r for r in rows if r.check_name != "sample_ratio"):  # its counts are the stage's
@@ -136,7 +138,7 @@ def test_source_errors_are_retried_then_fail_closed(
     assert "metric source error 4 of 4 in a row" in event["reason"] and "unreachable" in event["reason"]
     assert time.monotonic() - started < 10  # retried after 1, 1, 1 s (the interval caps the backoff)
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(measurements).order_by(measurements.c.id)).all()
+        rows = conn.execute(sa.select(measurements).where(GUARDRAIL).order_by(measurements.c.id)).all()
     assert [(r.check_name, r.verdict) for r in rows] == [("metric_source", "INVALID")] * 4
     assert rows[0].reason.startswith("metric source error 1 of 4 in a row: MetricSourceError: Prometheus at")
 
@@ -249,7 +251,7 @@ def test_the_window_starts_at_the_stages_shift(
     event = _first_event(trigger)
     assert event["status"] == "timeout" and "no data" in event["reason"]
     with engine.connect() as conn:
-        starts = conn.execute(sa.select(measurements.c.window_start)).scalars().all()
+        starts = conn.execute(sa.select(measurements.c.window_start).where(GUARDRAIL)).scalars().all()
     assert starts and min(starts) >= shifted.replace(microsecond=0)
 
 
@@ -334,3 +336,72 @@ def test_a_split_mismatch_rolls_back_under_the_invalid_policy(
     assert event["reason"].startswith("traffic split mismatch: configured 20 %, observed ")
     observed = float(event["reason"].split("observed ")[1].split(" %")[0])
     assert 3 < observed < 7
+
+
+def _running_rollout(engine: sa.Engine, spec: Any, started_ago: timedelta) -> Any:
+    """Rollout ``r`` at stage 1 (20 %), recorded as started ``started_ago``: its analysis window
+    covers the traffic written for it."""
+    from mlcanary import rollout as steps
+    from mlcanary.routers.base import Split
+    from mlcanary.routers.warehouse import WarehouseRouter
+    from mlcanary.warehouse.schema import rollouts
+
+    router = WarehouseRouter(engine)
+    router.set_split(Split(spec.model, "v1", None, 0.0), None)
+    rollout = steps.begin_rollout(engine, router, spec, "r", "v2")
+    steps.shift_to_stage(engine, router, spec, rollout.ref, 1)
+    with engine.begin() as conn:
+        conn.execute(sa.update(rollouts).values(started_at=rollout.started_at - started_ago))
+    return router
+
+
+@pytest.mark.parametrize("consecutive_fails", [1, 2])
+def test_a_ctr_collapse_ends_a_long_bake_at_the_background_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer, consecutive_fails: int
+) -> None:
+    """Infrastructure healthy, CTR halved: the slow tier looks every analysis interval (2 s) while
+    the guardrails poll, and ``consecutive_fails`` failing looks end a 60 s bake and roll back."""
+    from mlcanary.routers.base import Split
+    from mlcanary.warehouse.engine import utcnow
+
+    trigger = _trigger(tmp_path, monkeypatch, bake=60, limit=90)
+    data = parse_spec(trigger.spec).model_dump(mode="json", by_alias=True)
+    data["analysis"]["consecutive_fails"] = consecutive_fails
+    trigger.spec = data
+    spec = parse_spec(data)
+    router = _running_rollout(engine, spec, timedelta(minutes=11))
+    write_batch(engine, minutes=10.5, rate=50, faults=("v2:ctr_drop=0.5",), end=utcnow() + timedelta(seconds=30))
+    started = time.monotonic()
+    event = _first_event(trigger)
+    took = time.monotonic() - started
+    assert event["status"] == "analysis_fail", event
+    assert (event["looks"], event["look_fails"]) == (consecutive_fails, consecutive_fails)
+    assert event["reason"].startswith(f"failing look {consecutive_fails} of {consecutive_fails} during the bake: ")
+    assert "ctr" in event["reason"] and event["polls"] >= 2 * consecutive_fails - 1  # the guardrails polled meanwhile
+    assert 2 * consecutive_fails - 1 < took < 2 * consecutive_fails + 8  # looks at 2 s, 4 s; far from the 60 s bake
+    done = event["rolled_back"]
+    assert done["reason"].startswith(f"analysis stage 1: failing look {consecutive_fails} of {consecutive_fails}")
+    assert router.get_split(spec.model) == Split(spec.model, "v1", "v2", 0.0)
+    with engine.connect() as conn:
+        looks = conn.execute(
+            sa.select(sa.func.count(sa.distinct(measurements.c.measured_at))).where(measurements.c.tier == "analysis")
+        ).scalar_one()
+        failed = conn.execute(
+            sa.select(sa.func.count()).where(
+                measurements.c.tier == "analysis", measurements.c.check_name == "ctr", measurements.c.verdict == "FAIL"
+            )
+        ).scalar_one()
+    assert looks == consecutive_fails and failed >= consecutive_fails  # every look is audited
+
+
+def test_healthy_looks_never_end_the_bake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer
+) -> None:
+    from mlcanary.warehouse.engine import utcnow
+
+    trigger = _trigger(tmp_path, monkeypatch, bake=5, limit=30)
+    _running_rollout(engine, parse_spec(trigger.spec), timedelta(minutes=11))
+    write_batch(engine, minutes=10.5, rate=50, end=utcnow() + timedelta(seconds=30))
+    event = _first_event(trigger)
+    assert event["status"] == "healthy" and event["healthy_seconds"] >= 5
+    assert event["looks"] >= 2 and event["look_fails"] == 0

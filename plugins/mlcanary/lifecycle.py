@@ -25,6 +25,7 @@ from datetime import timedelta
 from enum import StrEnum
 
 from mlcanary.routers.base import Split
+from mlcanary.spec import show_duration
 from mlcanary.verdict import Verdict
 
 
@@ -225,9 +226,12 @@ class Next:
 
 
 def after_guardrails(status: str, reason: str, stage: int) -> Next:
-    """A stage's guardrail watch ended ``healthy``, or with a breach, no data, errors or its deadline."""
+    """A stage's watch ended ``healthy``, or with a breach, no data, errors, its deadline, or failing
+    background analysis looks."""
     if status == "healthy":
         return Next(Step.PROCEED, "baked", f"stage {stage} healthy: {reason}")
+    if status == "analysis_fail":  # the slow tier, looking in the background during the watch
+        return Next(Step.ROLL_BACK, "rollback", f"analysis stage {stage}: {reason}")
     return Next(Step.ROLL_BACK, "rollback", f"guardrails stage {stage} {status}: {reason}")
 
 
@@ -242,6 +246,7 @@ def after_look(
     waited: timedelta,
     interval: timedelta,
     max_extension: timedelta,
+    advance_on: str = "pass_or_inconclusive",
 ) -> Next:
     """After one analysis look.
 
@@ -249,6 +254,8 @@ def after_look(
     - INVALID under the policy ``rollback``: roll back, at any stage;
     - at the last stage, INCONCLUSIVE (or INVALID) under ``extend``: look again while the extension
       (``waited`` since the first look, plus one more interval) stays within ``max_extension``;
+    - at an earlier stage under ``advance_on: pass``, anything but PASS: look again the same way,
+      and roll back once ``max_extension`` is spent;
     - otherwise proceed (at the last stage, the decision applies the policy).
     """
     if verdict is Verdict.FAIL:
@@ -257,8 +264,14 @@ def after_look(
         return Next(Step.ROLL_BACK, "rollback", f"analysis: {reason}")
     if verdict is Verdict.INVALID and policy == "rollback":
         return Next(Step.ROLL_BACK, "rollback", f"analysis: comparison invalid: {reason}")
-    if final and verdict is not Verdict.PASS and policy == "extend" and waited + interval <= max_extension:
-        return Next(Step.LOOK_AGAIN, "extend", f"{verdict.value}, policy extend: looking again in {interval}: {reason}")
+    more, again = waited + interval <= max_extension, f"looking again in {show_duration(interval)}: {reason}"
+    if final and verdict is not Verdict.PASS and policy == "extend" and more:
+        return Next(Step.LOOK_AGAIN, "extend", f"{verdict.value}, policy extend: {again}")
+    if not final and verdict is not Verdict.PASS and advance_on == "pass":
+        if more:
+            return Next(Step.LOOK_AGAIN, "extend", f"{verdict.value}, advance_on pass: {again}")
+        still = f"still {verdict.value} after {show_duration(max_extension)} (advance_on pass)"
+        return Next(Step.ROLL_BACK, "rollback", f"analysis: {still}: {reason}")
     return Next(Step.PROCEED, "looked", reason)
 
 

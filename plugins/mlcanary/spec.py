@@ -36,6 +36,15 @@ def parse_duration(value: Any) -> Any:
     return value
 
 
+def show_duration(td: timedelta) -> str:
+    """``90s`` as ``1.5m``, ``7200s`` as ``2h``: a duration as a spec would write it."""
+    seconds = td.total_seconds()
+    for unit in ("d", "h", "m"):
+        if seconds >= _UNIT_SECONDS[unit] and seconds % (_UNIT_SECONDS[unit] / 4) == 0:
+            return f"{seconds / _UNIT_SECONDS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
 Duration = Annotated[
     timedelta,
     BeforeValidator(parse_duration),
@@ -312,6 +321,15 @@ class AnalysisSpec(_Model):
     sequential_n_star: Annotated[int, Field(ge=10)] = 10000  # canary samples where they are tightest
     correction: Literal["holm", "bh", "none"] = "holm"  # across the segments of each metric
     consecutive_fails: Annotated[int, Field(ge=1)] = 1  # failing looks in a row before FAIL
+    # What a stage before the last needs from its gate look after the bake: PASS only, or PASS or
+    # INCONCLUSIVE. Under ``pass`` a stage that is not yet PASS looks again every interval, up to
+    # ``policies.max_extension``, then rolls back. (The last stage is decided by ``policies``.)
+    advance_on: Literal["pass", "pass_or_inconclusive"] = "pass_or_inconclusive"
+    # Each stage's bake must leave at least this much label-complete traffic of its own to look at:
+    # bake >= label_delay + min_label_window, unless ``allow_short_bakes`` (the guardrails alone gate
+    # such a stage; its analysis sees only what earlier stages left).
+    min_label_window: Duration = timedelta(minutes=5)
+    allow_short_bakes: bool = False
     score_bins: Annotated[int, Field(ge=20, le=1000)] = 100
     edge_sample: Annotated[int, Field(ge=1000)] = 50000  # rows the bin edges are taken from
     segments: list[Identifier] = []
@@ -460,6 +478,22 @@ class RolloutSpec(_Model):
                     raise ValueError(f"stages.{i}.percent {stage.percent:g}: KServe takes whole percentages")
         return self
 
+    @model_validator(mode="after")
+    def _bakes_see_labels(self) -> RolloutSpec:
+        a = self.analysis
+        if a.allow_short_bakes:
+            return self
+        need = a.label_delay + a.min_label_window
+        short = [f"stages.{i}.bake {show_duration(s.bake)}" for i, s in enumerate(self.stages) if s.bake < need]
+        if short:
+            raise ValueError(
+                f"{', '.join(short)} shorter than analysis.label_delay {show_duration(a.label_delay)} + "
+                f"analysis.min_label_window {show_duration(a.min_label_window)}: the analysis could never see "
+                "label-complete rows of that stage's own traffic; bake longer, or set analysis.allow_short_bakes: "
+                "true to let the guardrails alone gate it"
+            )
+        return self
+
     @property
     def dag_id(self) -> str:
         return f"rollout__{self.name}"
@@ -484,6 +518,13 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+def _problem(error: Any) -> str:
+    """``field.path: message``; a check across fields names its fields in its message."""
+    if not error["loc"] and error["type"] == "value_error":
+        return str(error["msg"]).removeprefix("Value error, ")
+    return f"{_field_path(error['loc'])}: {error['msg']}"
+
+
 def parse_spec(data: Any, source: str = "<spec>") -> RolloutSpec:
     """Validate a spec already loaded from YAML or JSON."""
     if not isinstance(data, dict):
@@ -491,7 +532,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> RolloutSpec:
     try:
         return RolloutSpec.model_validate(data)
     except ValidationError as exc:
-        problems = [f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        problems = [_problem(e) for e in exc.errors()]
         raise SpecError(source, problems) from None
 
 

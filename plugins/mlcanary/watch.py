@@ -5,6 +5,9 @@ which alone advances the bake, and the wall clock, which alone decides the absol
 that steps forward or back therefore neither finishes a bake early nor holds it back, and a
 deadline is the same moment on every triggerer.
 
+The slow tier looks alongside (:func:`after_look`): every ``analysis.interval`` the trigger runs the
+analysis in the background, and ``consecutive_fails`` failing looks in a row end the watch at once.
+
 The counters (:class:`WatchState`) are plain data that travel with the watch: the trigger stores
 them after every poll, so a trigger restarted or moved to another triggerer goes on from them. A
 monotonic reading means nothing in another process, so the first poll after a restart starts a
@@ -28,6 +31,7 @@ class End(StrEnum):
     ERROR = "error"  # error_limit source errors in a row: fail closed
     INVALID = "invalid"  # the comparison is invalid (a traffic split mismatch) and the policy is rollback
     TIMEOUT = "timeout"  # the absolute deadline passed first
+    ANALYSIS = "analysis_fail"  # consecutive_fails background analysis looks in a row failed
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class WatchState:
     errors: int = 0
     reason: str = "no poll yet"
     last_healthy_at: float | None = None  # monotonic reading of the last healthy poll, this process only
+    looks: int = 0  # background analysis looks
+    look_fails: int = 0  # failing looks in a row
 
     def to_dict(self) -> dict[str, Any]:
         """What travels: everything but the process-local monotonic reading."""
@@ -48,7 +54,8 @@ class WatchState:
     def from_dict(cls, data: dict[str, Any] | None) -> WatchState:
         if not data:
             return cls()
-        return cls(**{k: data[k] for k in ("polls", "healthy_seconds", "breaches", "no_data", "errors", "reason")})
+        kept = ("polls", "healthy_seconds", "breaches", "no_data", "errors", "reason", "looks", "look_fails")
+        return cls(**{k: data[k] for k in kept if k in data})
 
 
 @dataclass(frozen=True)
@@ -81,11 +88,12 @@ def after_poll(
         healthy = state.healthy_seconds
         if state.last_healthy_at is not None:
             healthy += max(0.0, monotonic - state.last_healthy_at)
-        new = WatchState(polls, healthy, 0, no_data, 0, reason, monotonic)
+        new = replace(state, polls=polls, healthy_seconds=healthy, breaches=0, no_data=no_data, errors=0)
+        new = replace(new, reason=reason, last_healthy_at=monotonic)
         if healthy >= bake_seconds:
             return new, Ended(End.HEALTHY, reason)
     else:
-        new = WatchState(polls, state.healthy_seconds, 0, no_data, 0, reason, None)
+        new = replace(state, polls=polls, breaches=0, no_data=no_data, errors=0, reason=reason, last_healthy_at=None)
         if verdict is Verdict.INVALID and invalid_rolls_back:
             return new, Ended(End.INVALID, reason)
     if no_data >= g.no_data_limit and g.no_data_policy == "fail":
@@ -114,3 +122,15 @@ def past_deadline(state: WatchState, next_poll_wall: float, deadline_wall: float
         f"deadline passed with {state.healthy_seconds:.0f} s of {bake_seconds:.0f} s baked healthy; "
         f"last poll: {state.reason}",
     )
+
+
+def after_look(
+    state: WatchState, verdict: Verdict, reason: str, consecutive_fails: int
+) -> tuple[WatchState, Ended | None]:
+    """One background analysis look: FAIL counts, anything else resets the count; ``consecutive_fails``
+    in a row end the watch (the stage's own gate look after the bake decides everything else)."""
+    fails = state.look_fails + 1 if verdict is Verdict.FAIL else 0
+    new = replace(state, looks=state.looks + 1, look_fails=fails)
+    if fails >= consecutive_fails:
+        return new, Ended(End.ANALYSIS, f"failing look {fails} of {consecutive_fails} during the bake: {reason}")
+    return new, None

@@ -3,6 +3,7 @@
 ::
 
     validate_and_lock ─► stage_1 [shift_traffic ─► guardrails ─► analysis] ─► … ─► [approve_final_stage]
+                         (guardrails: the bake, watched; the analysis looks alongside every interval)
         ─► stage_N ─► decide ─► promote                       (final analysis PASS, or a person chose it)
                             └─► extend ─► promote_after_extension   (policy ask: a person chose Extend)
     rollback (teardown of validate_and_lock): canary to 0 % unless promoted ─► report (teardown)
@@ -130,7 +131,9 @@ def build_dag(
             ) as group:
                 shift = ShiftTrafficOperator(task_id="shift_traffic", spec=data, stage=number)
                 guard = GuardrailSensor(task_id="guardrails", spec=data, stage=number)
-                analysis = AnalysisOperator(task_id="analysis", spec=data, stage=number, final=last)
+                analysis = AnalysisOperator(
+                    task_id="analysis", spec=data, stage=number, final=last, guardrails_task_id=guard.task_id
+                )
                 shift >> guard >> analysis
             previous >> group
             previous = group

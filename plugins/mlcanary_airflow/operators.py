@@ -28,7 +28,7 @@ from mlcanary.lifecycle import Action, Next, Status, Step, after_guardrails, aft
 from mlcanary.mlflow_alias import promote_alias
 from mlcanary.report import format_report, rollout_report
 from mlcanary.routers.base import Router
-from mlcanary.spec import RolloutSpec
+from mlcanary.spec import RolloutSpec, show_duration
 from mlcanary.verdict import Verdict
 from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import create_schema
@@ -272,19 +272,23 @@ class ShiftTrafficOperator(RolloutTaskMixin, BaseOperator):
 
 
 class AnalysisOperator(RolloutTaskMixin, BaseOperator):
-    """Slow ML analysis of the label-complete window so far, then the state machine's next step
-    (:func:`mlcanary.lifecycle.after_look`): proceed, look again after one analysis interval (a
-    confirmation of a FAIL, or an extension), or roll back."""
+    """The stage's gate look after the bake: slow ML analysis of the label-complete window so far,
+    then the state machine's next step (:func:`mlcanary.lifecycle.after_look`): proceed, look again
+    after one analysis interval (a confirmation of a FAIL, an extension, or a stage that must PASS
+    to advance), or roll back. A failing streak of the bake's background looks goes on here."""
 
     ui_color = "#e6f4ea"
 
-    def __init__(self, *, spec: dict[str, Any], stage: int, final: bool, **kwargs: Any) -> None:
+    def __init__(
+        self, *, spec: dict[str, Any], stage: int, final: bool, guardrails_task_id: str | None = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("retries", 2)
         kwargs.setdefault("retry_delay", timedelta(seconds=10))
         super().__init__(**kwargs)
         self.spec_data = spec
         self.stage = stage
         self.final = final
+        self.guardrails_task_id = guardrails_task_id  # its background looks' failing streak goes on here
 
     def policy(self, verdict: Verdict) -> str:
         """The spec's policy for an INCONCLUSIVE or INVALID verdict."""
@@ -304,7 +308,7 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
                 event = progress.load(conn, rollout.rollout_id, wait)
         state = event or {}  # what the previous look handed over (see GuardedWaitTrigger)
         first_look: float = state.get("first_look") or time.time()
-        fails: int = state.get("fails", 0)
+        fails: int = state["fails"] if "fails" in state else self._background_fails(context)
         look: int = state.get("look", 0) + 1
         with self.engine.connect() as conn:
             window = AnalysisWindow.ending_at(self.spec, utcnow(), not_before=rollout.started_at)
@@ -333,6 +337,7 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
             waited=timedelta(seconds=time.time() - first_look),
             interval=a.interval,
             max_extension=self.spec.policies.max_extension,
+            advance_on=a.advance_on,
         )
         match nxt.step:
             case Step.ROLL_BACK:
@@ -349,6 +354,13 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         with self.engine.begin() as conn:
             progress.clear(conn, rollout.rollout_id, wait)
         return {"verdict": result.verdict.value, "reason": result.reason, "flags": result.flags}
+
+    def _background_fails(self, context: Context) -> int:
+        """The failing streak of the looks the guardrails' trigger took during the bake."""
+        if self.guardrails_task_id is None:
+            return 0
+        baked = context["ti"].xcom_pull(task_ids=self.guardrails_task_id) or {}
+        return int(baked.get("look_fails", 0))
 
 
 class ExtendOperator(AnalysisOperator, BranchMixIn):
@@ -369,7 +381,8 @@ class ExtendOperator(AnalysisOperator, BranchMixIn):
         if result["verdict"] == Verdict.PASS.value:
             return self.do_branch(context, self.promote_task_id)
         reason = (
-            f"extended analysis still {result['verdict']} after {self.spec.policies.max_extension}: {result['reason']}"
+            f"extended analysis still {result['verdict']} after {show_duration(self.spec.policies.max_extension)}: "
+            f"{result['reason']}"
         )
         self.roll_back_now(context, self.ref(context), reason)
         return self.do_branch(context, None)  # skip the promotion: the rollback is done

@@ -14,11 +14,13 @@ from mlcanary_airflow.triggers import GuardrailTrigger
 
 
 class GuardrailSensor(RolloutTaskMixin, BaseOperator):
-    """Wait in the triggerer while the stage bakes; fail the task at once on a breach.
+    """Wait in the triggerer while the stage bakes, the analysis looking alongside; fail the task at
+    once on a breach or on ``analysis.consecutive_fails`` failing looks.
 
-    A breach, too long without data (policy ``fail``), failing metric sources, a deadline without a
-    full healthy bake, or a trigger error: the canary goes to 0 % at once, then the task raises
-    ``AirflowFailException`` (no retries) and the DAG's ``rollback`` teardown confirms the rollback.
+    A breach, failing analysis looks, too long without data (policy ``fail``), failing metric
+    sources, a deadline without a full healthy bake, or a trigger error: the canary goes to 0 % at
+    once, then the task raises ``AirflowFailException`` (no retries) and the DAG's ``rollback``
+    teardown confirms the rollback.
     A rollout that is no longer running is not watched again (its task is skipped or fails).
     """
 
@@ -54,4 +56,5 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
             event["polls"],
             event["reason"],
         )
-        return {k: event[k] for k in ("status", "polls", "healthy_seconds", "reason")}
+        kept = {k: event[k] for k in ("status", "polls", "healthy_seconds", "reason")}
+        return kept | {"looks": event.get("looks", 0), "look_fails": event.get("look_fails", 0)}

@@ -1,4 +1,5 @@
-"""The guardrail trigger: polls the canary's health in the triggerer until the bake is done."""
+"""The guardrail triggers: poll the canary's health in the triggerer while a stage bakes or waits,
+with the slow analysis looking alongside every ``analysis.interval``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from mlcanary import progress
 from mlcanary import rollout as steps
+from mlcanary.analysis import AnalysisResult, AnalysisWindow, analyze
 from mlcanary.audit import record_checks
 from mlcanary.guardrails import GuardrailResult, evaluate_guardrails
 from mlcanary.lifecycle import after_guardrails
@@ -25,7 +27,7 @@ from mlcanary.sources import MetricSource
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import naive_utc, utcnow
-from mlcanary.watch import End, Ended, WatchState, after_error, after_poll, past_deadline
+from mlcanary.watch import End, Ended, WatchState, after_error, after_look, after_poll, past_deadline
 from mlcanary_airflow.hooks import WarehouseHook, metric_source, router_for
 
 _T = TypeVar("_T")
@@ -50,9 +52,14 @@ class _GuardrailPolls(BaseTrigger):
     trigger's error and does not hold up another rollout's polls (the triggerer's one shared thread
     would); every poll and source error written to the
     measurements table with the watch's counters (:mod:`mlcanary.progress`), so a restarted
-    trigger goes on from them. The window of a poll starts no earlier than the stage's shift."""
+    trigger goes on from them. The window of a poll starts no earlier than the stage's shift.
+
+    The slow tier looks alongside (``looks_in_background``): every ``analysis.interval`` of the
+    stage an analysis look runs in a thread of its own, never holding up a poll, and
+    ``consecutive_fails`` failing looks in a row end the watch (``analysis_fail``) and roll back."""
 
     wait_prefix = "guardrails"
+    looks_in_background = True
 
     def __init__(
         self,
@@ -75,6 +82,8 @@ class _GuardrailPolls(BaseTrigger):
         self.dry_run = dry_run
         self.waiting_for = waiting_for  # what the stage waits for, for the reason of a rollback
         self._source: MetricSource | None = None  # built at the first poll, in its thread
+        self._look_task: asyncio.Future[AnalysisResult] | None = None
+        self._next_look = math.inf  # monotonic
 
     def _kwargs(self) -> dict[str, Any]:
         return dict(
@@ -205,7 +214,61 @@ class _GuardrailPolls(BaseTrigger):
         except Exception as exc:  # a timeout included: the watch goes on without it
             self.log.warning("guardrails stage %d: %s skipped: %s", self.stage, fn.__name__, exc or type(exc).__name__)
 
+    def _look(self, spec: RolloutSpec) -> AnalysisResult:
+        """One background analysis look at the label-complete rows so far, recorded like the gate's."""
+        engine = self._engine(spec)
+        with engine.connect() as conn:
+            rollout = steps.get_rollout(conn, self.rollout_id)
+            window = AnalysisWindow.ending_at(spec, utcnow(), not_before=rollout.started_at if rollout else None)
+            result = analyze(conn, spec, self.baseline_version, self.canary_version, window)
+        with engine.begin() as conn:
+            record_checks(
+                conn,
+                result.checks,
+                model=spec.model,
+                rollout_id=self.rollout_id,
+                stage=self.stage,
+                baseline_version=self.baseline_version,
+                canary_version=self.canary_version,
+            )
+        return result
+
+    def _looking(self, spec: RolloutSpec, state: WatchState) -> tuple[WatchState, Ended | None]:
+        """Take the verdict of a background look that finished; start the next when it is due and
+        none is running (a look slower than the interval delays the next, never piles up)."""
+        if not self.looks_in_background:
+            return state, None
+        ended = None
+        task = self._look_task
+        if task is not None and task.done():
+            self._look_task = None
+            try:
+                result = task.result()
+            except Exception as exc:  # a look that cannot run decides nothing; the gate look will say why
+                self.log.warning("stage %d: background analysis look failed: %r", self.stage, exc)
+            else:
+                state, ended = after_look(state, result.verdict, result.reason, spec.analysis.consecutive_fails)
+                self.log.info(
+                    "stage %d: analysis look %d in the background: %s: %s",
+                    self.stage,
+                    state.looks,
+                    result.verdict.value,
+                    result.reason,
+                )
+        if ended is None and self._look_task is None and CLOCK.monotonic() >= self._next_look:
+            self._next_look = CLOCK.monotonic() + spec.analysis.interval.total_seconds()
+            self._look_task = asyncio.ensure_future(asyncio.to_thread(self._look, spec))
+        return state, ended
+
+    def _first_look(self, spec: RolloutSpec) -> float:
+        """When the first background look is due (monotonic): one analysis interval into the stage,
+        or the next multiple of it for a trigger that restarts mid-stage."""
+        interval = spec.analysis.interval.total_seconds()
+        into = CLOCK.wall() - (self.stage_started_epoch or CLOCK.wall())
+        return CLOCK.monotonic() + (interval - into % interval if into > 0 else interval)
+
     async def _start(self, spec: RolloutSpec) -> WatchState:
+        self._next_look = self._first_look(spec)
         try:
             state = await self._in_thread(self._limit(spec), self._load, spec)
         except TimeoutError:
@@ -277,6 +340,9 @@ class GuardrailTrigger(_GuardrailPolls):
         await CLOCK.sleep(min(interval, max(0.0, first - CLOCK.wall())))
         while True:
             state, ended, wait, last = await self._poll(spec, state, self.bake_seconds)
+            state, looked = self._looking(spec, state)
+            if looked is not None and (ended is None or ended.end is End.HEALTHY):
+                ended = looked  # a failing analysis outweighs a healthy bake
             ended = ended or past_deadline(state, CLOCK.wall() + wait, self.deadline_epoch, self.bake_seconds)
             if ended is not None:
                 healthy = ended.end is End.HEALTHY
@@ -288,6 +354,8 @@ class GuardrailTrigger(_GuardrailPolls):
                         "polls": state.polls,
                         "healthy_seconds": state.healthy_seconds,
                         "reason": ended.reason,
+                        "looks": state.looks,
+                        "look_fails": state.look_fails,
                         "result": None if last is None else last.to_dict(),
                         "rolled_back": None if healthy else await self._end_badly(spec, ended),
                     }
@@ -306,6 +374,7 @@ class GuardedWaitTrigger(_GuardrailPolls):
     """
 
     wait_prefix = "watch"
+    looks_in_background = False  # the wait ends in the task's own look
 
     def max_polls(self, spec: RolloutSpec) -> int:
         return max(1, math.ceil(spec.analysis.interval / spec.guardrails.interval))
@@ -394,6 +463,8 @@ class GuardedHITLTrigger(_GuardrailPolls):
                 return
             if CLOCK.monotonic() >= next_poll:
                 state, ended, wait, _ = await self._poll(spec, state, float("inf"))
+                state, looked = self._looking(spec, state)
+                ended = ended or looked
                 if ended is not None:
                     done = await self._end_badly(spec, ended)  # traffic first, then the question
                     closed = await asyncio.to_thread(self._close)
