@@ -111,6 +111,39 @@ def test_source_errors_name_the_problem(prometheus: tuple[str, datetime]) -> Non
         _source("http://127.0.0.1:9", _spec()).measure("v2", end - WINDOW, end)
 
 
+def test_an_empty_or_nan_answer_is_never_read_as_zero(prometheus: tuple[str, datetime]) -> None:
+    """A typo in the failures metric (the real series has 5 % failing) would read as 0 failures and
+    PASS: with requests counted it is an error naming the query; so are empty buckets and NaN."""
+    url, end = prometheus
+    typo = {**prom.QUERIES, "failures": prom.QUERIES["failures"].replace("mlc_requests_total", "mlc_request_total")}
+    spec = _spec("prom-slow", source={"kind": "prometheus", "queries": typo}, p99_latency_ms_max=None)
+    with pytest.raises(
+        MetricSourceError, match=r"source\.queries\.failures 'sum\(increase\(mlc_request_total.* no series"
+    ):
+        _source(url, spec).request_counts("v2", end - WINDOW, end)
+    with pytest.raises(MetricSourceError, match=r"or vector\(0\)"):
+        evaluate_guardrails(_source(url, spec), spec, "v2", end, "v1")  # the poll is an error, never a PASS
+    meant_zero = {**typo, "failures": f"({typo['failures']}) or vector(0)"}  # what a user writes when none means 0
+    zero_spec = _spec("prom-slow", source={"kind": "prometheus", "queries": meant_zero})
+    assert _source(url, zero_spec).request_counts("v2", end - WINDOW, end)[1] == 0
+    no_buckets = {
+        **prom.QUERIES,
+        "latency_buckets": 'sum by (le) (increase(nothing_here_bucket{model="$model"}[$window]))',
+    }
+    source = _source(url, _spec(source={"kind": "prometheus", "queries": no_buckets}))
+    with pytest.raises(MetricSourceError, match=r"source\.queries\.latency_buckets .* returned no buckets"):
+        source.slower_than("v2", end - WINDOW, end, 250.0)
+    nan = {
+        **prom.QUERIES,
+        "p99_latency_ms": "0 / 0",
+        "cpu": 'avg(avg_over_time(mlc_cpu_utilisation{model="$model",version="$version"}[$window])) * NaN',
+    }
+    with pytest.raises(MetricSourceError, match=r"source\.queries\.(p99_latency_ms|cpu) .* returned nan"):
+        _source(url, _spec(source={"kind": "prometheus", "queries": nan})).measure("v2", end - WINDOW, end)
+    absent = _source(url, _spec()).measure("v9", end - WINDOW, end)  # no requests series at all: no data
+    assert (absent.requests, absent.failures, absent.p99_latency_ms) == (0, 0, None)
+
+
 def test_the_trigger_reads_prometheus_through_an_airflow_connection(
     prometheus: tuple[str, datetime], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine
 ) -> None:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from mlcanary.warehouse.queries import (
     OVERALL,
+    Requests,
     bin_index,
     binned_aggregates,
     latency_quantile,
@@ -78,13 +79,13 @@ def test_counts_and_interpolated_p99_match_numpy(any_engine: sa.Engine) -> None:
     start, end = T0 + timedelta(seconds=100), T0 + timedelta(seconds=500)
     sel = df[(df.model_version == "v2") & (df.ts >= start) & (df.ts < end)]
     with any_engine.connect() as conn:
-        n, ok = request_counts(conn, t, "m", "v2", start, end)
-        assert (n, ok) == (len(sel), int(sel.success.sum()))
+        r = request_counts(conn, t, "m", "v2", start, end)
+        assert (r.n, r.ok, r.bad_success, r.bad_latency) == (len(sel), int(sel.success.sum()), 0, 0)
         for q in (0.5, 0.9, 0.99):
             got = latency_quantile(conn, t, "m", "v2", start, end, q)
             assert got == pytest.approx(np.percentile(sel.latency_ms, 100 * q, method="linear"), rel=1e-9)
         assert latency_quantile(conn, t, "m", "v9", start, end, 0.99) is None
-        assert request_counts(conn, t, "m", "v9", start, end) == (0, 0)
+        assert request_counts(conn, t, "m", "v9", start, end) == Requests(0, 0, 0, 0)
 
 
 def test_quantile_edges_and_bins_match_numpy(any_engine: sa.Engine) -> None:
@@ -239,5 +240,5 @@ def test_spec_identifiers_are_quoted_not_spliced(engine: sa.Engine) -> None:
     sql = str(stmt.compile(engine))
     assert '"order"' in sql and '"group"' in sql
     with engine.connect() as conn:
-        assert request_counts(conn, t, "m", "v1", T0, T0 + timedelta(minutes=1)) == (2, 1)
+        assert request_counts(conn, t, "m", "v1", T0, T0 + timedelta(minutes=1)) == Requests(2, 1, 0, 0)
         assert latency_quantile(conn, t, "m", "v1", T0, T0 + timedelta(minutes=1), 0.5) == 15.0

@@ -126,6 +126,29 @@ def test_defaults_follow_the_warehouse_contract() -> None:
         ({"name": "Feed-Ranker"}, "name", "should match pattern"),
         ({"retries": {"rollback": 0}}, "retries.rollback", "greater than or equal to 1"),
         ({"retries": {"delay": "0s"}}, "retries.delay", "longer than 0 s"),
+        ({"stages": [{"percent": 10, "bake": "0s"}]}, "stages.0.bake", "longer than 0 s"),
+        ({"stages": [{"percent": 10, "bake": -60}]}, "stages.0.bake", "longer than 0 s"),
+        ({"guardrails": {"interval": 0}}, "guardrails.interval", "longer than 0 s"),
+        ({"guardrails": {"window": "0s"}}, "guardrails.window", "longer than 0 s"),
+        ({"guardrails": {"deadline_margin": -5}}, "guardrails.deadline_margin", "must not be negative"),
+        ({"guardrails": {"source": {"timeout": "0s"}}}, "guardrails.source.timeout", "longer than 0 s"),
+        ({"analysis": {"interval": "0s"}}, "analysis.interval", "longer than 0 s"),
+        ({"analysis": {"label_delay": -3600}}, "analysis.label_delay", "must not be negative"),
+        ({"analysis": {"interval": "2m", "window": "1m"}}, "analysis", "window must be at least one interval long"),
+        ({"policies": {"ask_timeout": -1}}, "policies.ask_timeout", "longer than 0 s"),
+        ({"policies": {"max_extension": -1}}, "policies.max_extension", "must not be negative"),
+        ({"approval": {"timeout": "0s"}}, "approval.timeout", "longer than 0 s"),
+        ({"router": {"kind": "webhook", "timeout": "0s"}}, "router.webhook.timeout", "longer than 0 s"),
+        (
+            {"guardrails": {"source": {"kind": "prometheus", "queries": {"requests": "$modle", "failures": "f"}}}},
+            "guardrails.source.queries.requests",
+            "unknown placeholder $modle: use $model, $version and $window",
+        ),
+        (
+            {"guardrails": {"source": {"kind": "prometheus", "queries": {"requests": "sum(r) * $", "failures": "f"}}}},
+            "guardrails.source.queries.requests",
+            "write $$ for a literal dollar sign",
+        ),
     ],
 )
 def test_broken_spec_names_file_and_field(tmp_path: Path, change: dict, field: str, message: str) -> None:
@@ -171,6 +194,43 @@ def test_the_rule_to_advance_a_stage_is_explicit() -> None:
     data["analysis"]["advance_on"] = "inconclusive"
     with pytest.raises(SpecError, match=r"analysis\.advance_on: Input should be 'pass' or 'pass_or_inconclusive'"):
         parse_spec(data)
+
+
+def test_validate_reports_every_problem_of_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mlcanary.cli import main
+
+    data = base_spec(stages=[{"percent": 10, "bake": "0s"}])
+    data["guardrails"] |= {"interval": 0, "deadline_margin": -1}
+    data["analysis"] |= {"label_delay": "-1m"}
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    for field in ("stages.0.bake", "guardrails.interval", "guardrails.deadline_margin", "analysis.label_delay"):
+        assert f"{path}: {field}: " in err, err
+
+
+def test_a_version_is_the_whole_string(tmp_path: Path) -> None:
+    """A trailing newline passes Python's ``$``; the form, the registry and the start refuse it."""
+    from airflow.sdk import Param
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from mlcanary import rollout as steps
+    from mlcanary.cli import main
+    from mlcanary.routers.warehouse import WarehouseRouter
+    from mlcanary.spec import VERSION_PATTERN
+    from mlcanary.warehouse.engine import make_engine
+
+    param = Param(type="string", pattern=VERSION_PATTERN)
+    assert param.resolve("v2.1+build:7") == "v2.1+build:7"
+    for bad in ("v2\n", "v2\nX-Header: 1", "", "-v2", "v" * 129):
+        with pytest.raises(ParamValidationError):
+            Param(type="string", pattern=VERSION_PATTERN).resolve(bad)
+    url = f"sqlite:///{tmp_path}/w.db"
+    assert main(["registry", "add", "--warehouse", url, "--model", "m", "--version", "v2\n"]) == 2
+    engine = make_engine(url)
+    with pytest.raises(steps.RolloutError, match=r"candidate version 'v2\\n' is not a version"):
+        steps.begin_rollout(engine, WarehouseRouter(engine), parse_spec(base_spec()), "r", "v2\n")
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:

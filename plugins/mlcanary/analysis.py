@@ -145,10 +145,13 @@ def analyze(
         window.label_asof,
         a.segments,
         score_edges,
-        sorted({m for metric in a.metrics for m in _needs(metric)}),
+        sorted({m for metric in a.metrics for m in (*_needs(metric), *_checks_of(metric))}),
         sample_rows=a.edge_sample,
     )
     segments = pd.DataFrame(rows, columns=["version", "column", "value", "bin", *queries.BIN_MEASURES])
+    broken = _data_checks(spec, table, segments, {baseline_version: "baseline", canary_version: "canary"}, window)
+    if broken:  # sums of broken data mean nothing, and NaN ones crash the statistics: no comparison at all
+        return AnalysisResult(Verdict.INVALID, broken[0].reason, baseline_version, canary_version, window, broken, [])
     arms = {
         (version, column, value): _arm(group, len(score_edges))
         for (version, column, value), group in segments.groupby(["version", "column", "value"])
@@ -201,6 +204,56 @@ _SUMS = {
     "abs_error": ("ad", "d2", True),
     "squared_error": ("d2", "d4", True),
 }
+
+
+_BINARY_LABELS = ("rate", "precision", "recall", "auc", "calibration", "ece")
+
+
+def _checks_of(metric: MetricSpec) -> tuple[str, ...]:
+    """The data checks (of :data:`queries.DATA_CHECKS`) a metric needs: finite labels and scores,
+    and labels in {0, 1} for the kinds that read the label as an outcome."""
+    return queries.DATA_CHECKS if metric.kind in _BINARY_LABELS else ("y_nonfinite", "s_nonfinite")
+
+
+_DATA_RULES = {
+    "y_nonfinite": ("label", "NaN or infinite"),
+    "s_nonfinite": ("score", "NaN or infinite"),
+    "y_not01": ("label", "neither 0 nor 1 ({kinds} need 0/1 labels)"),
+}
+
+
+def _data_checks(
+    spec: RolloutSpec,
+    table: queries.MappedTable,
+    segments: pd.DataFrame,
+    arms: dict[str, str],
+    window: AnalysisWindow,
+) -> list[CheckResult]:
+    """An INVALID check for each rule the label-complete rows of an arm break, with how many broke it."""
+    overall = segments[segments.column == OVERALL].groupby("version")[["n", *queries.DATA_CHECKS]].sum()
+    kinds = ", ".join(sorted({m.kind for m in spec.analysis.metrics if m.kind in _BINARY_LABELS}))
+    out = []
+    for version, arm in arms.items():
+        if version not in overall.index:
+            continue
+        row = overall.loc[version]
+        for measure, (column, rule) in _DATA_RULES.items():
+            bad = int(row[measure])
+            if bad:
+                physical = f"{table.table.name}.{table.columns.get(column, column)}"
+                out.append(
+                    CheckResult(
+                        tier="analysis",
+                        check="data",
+                        segment=OVERALL,
+                        verdict=Verdict.INVALID,
+                        reason=f"data check: {physical} of {version} ({arm}): {bad:,} of {int(row['n']):,} "
+                        f"labelled rows {rule.format(kinds=kinds)}",
+                        window_start=window.start,
+                        window_end=window.end,
+                    )
+                )
+    return out
 
 
 def _needs(metric: MetricSpec) -> tuple[str, ...]:

@@ -236,7 +236,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
     if args.action == "add":
         if not (args.model and args.version):
             raise UsageError("registry add needs --model and --version")
-        if not re.match(VERSION_PATTERN, args.version):
+        if not re.fullmatch(VERSION_PATTERN, args.version):
             raise UsageError(f"--version {args.version!r} is not a version (letters, digits, . _ : + -)")
         try:
             entry = registry.register(engine, args.model, args.version, args.note)

@@ -229,6 +229,21 @@ def evaluate_guardrails(
         start = min(since, end)
     canary = source.measure(canary_version, start, end)
     baseline = source.measure(baseline_version, start, end) if baseline_version else None
+    problems = [*canary.problems, *(baseline.problems if baseline else ())]
+    if problems:  # numbers from broken data mean nothing: INVALID, naming each broken rule
+        checks = [
+            CheckResult(
+                tier="guardrail",
+                check="data",
+                segment="*",
+                verdict=Verdict.INVALID,
+                reason=f"data check: {problem}",
+                window_start=start,
+                window_end=end,
+            )
+            for problem in problems
+        ]
+        return GuardrailResult(Verdict.INVALID, checks[0].reason, start, end, canary, baseline, checks)
     stage_start: datetime | None = None
     stage_canary = stage_baseline = None
     if since is not None:

@@ -17,6 +17,7 @@ These functions are what the Airflow tasks call; they work the same from a scrip
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
@@ -42,7 +43,7 @@ from mlcanary.lifecycle import (
 )
 from mlcanary.routers.base import Router, Split, TrafficShiftError
 from mlcanary.routers.warehouse import WarehouseRouter
-from mlcanary.spec import RolloutSpec
+from mlcanary.spec import VERSION_PATTERN, RolloutSpec
 from mlcanary.verdict import Verdict
 from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import decisions, rollouts, traffic_history
@@ -155,6 +156,11 @@ def begin_rollout(
     Nothing is written to the router: traffic moves at the first stage. A retry of a start that took
     the lock returns the same rollout; a start of a run whose rollout already ended is refused.
     """
+    for what, version in (("candidate", canary_version), ("baseline", baseline_version)):
+        if version is not None and not re.fullmatch(VERSION_PATTERN, version):
+            raise RolloutError(
+                f"{what} version {version!r} is not a version (1-128 letters, digits, . _ : + -); nothing changed"
+            )
     with engine.connect() as conn:
         existing = get_rollout(conn, rollout_id)
         holder = lock_holder(conn, spec.model)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from pathlib import Path
+from string import Template
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -26,7 +28,8 @@ from pydantic import (
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
+# the whole string: ``$(?!\n)`` refuses the trailing newline Python's ``$`` lets through (JSON Schema too)
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$(?!\n)"
 
 
 def parse_duration(value: Any) -> Any:
@@ -50,6 +53,22 @@ Duration = Annotated[
     BeforeValidator(parse_duration),
     PlainSerializer(lambda td: f"{td.total_seconds():g}s", return_type=str),
 ]
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be longer than 0 s")
+    return value
+
+
+def _not_negative(value: timedelta) -> timedelta:
+    if value < timedelta(0):
+        raise ValueError("must not be negative")
+    return value
+
+
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]  # a wait, a period, a timeout
+Margin = Annotated[Duration, AfterValidator(_not_negative)]  # an allowance that may be zero
 Identifier = Annotated[str, Field(pattern=IDENTIFIER, max_length=63)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 
@@ -99,9 +118,9 @@ class WarehouseSpec(_Model):
 
 class _RouterBase(_Model):
     conn_id: str | None = None  # the Airflow connection with the platform's address and credentials
-    timeout: Duration = timedelta(seconds=10)  # per request to the platform
+    timeout: PositiveDuration = timedelta(seconds=10)  # per request to the platform
     retries: Annotated[int, Field(ge=0, le=10)] = 3  # per request, with exponential backoff
-    settle: Duration = timedelta(minutes=5)  # how long a platform may take to show the new split
+    settle: Margin = timedelta(minutes=5)  # how long a platform may take to show the new split
 
 
 class WarehouseRouterSpec(_RouterBase):
@@ -143,7 +162,7 @@ RouterSpec = Annotated[
 
 class Stage(_Model):
     percent: Annotated[float, Field(gt=0, le=100)]
-    bake: Duration
+    bake: PositiveDuration
 
 
 class PrometheusQueries(_Model):
@@ -161,13 +180,26 @@ class PrometheusQueries(_Model):
     cpu: str | None = None  # mean CPU utilisation (0-1) of the version's hosts
     memory: str | None = None  # mean memory utilisation (0-1)
 
+    @field_validator("*")
+    @classmethod
+    def _renders(cls, template: str | None) -> str | None:
+        """Rendered now with stand-in values, so a placeholder it cannot fill fails here, not mid-rollout."""
+        if template is not None:
+            try:
+                Template(template).substitute(model="m", version="v", window="60s")
+            except KeyError as exc:
+                raise ValueError(f"unknown placeholder ${exc.args[0]}: use $model, $version and $window") from None
+            except ValueError as exc:  # a lone $ or ${
+                raise ValueError(f"{exc}; write $$ for a literal dollar sign") from None
+        return template
+
 
 class MetricSourceSpec(_Model):
     """Where the fast guardrails read their metrics: the warehouse (default) or Prometheus."""
 
     kind: Literal["warehouse", "prometheus"] = "warehouse"
     conn_id: str | None = None  # prometheus: the Airflow connection with its URL (default prometheus_default)
-    timeout: Duration = timedelta(seconds=10)
+    timeout: PositiveDuration = timedelta(seconds=10)
     queries: PrometheusQueries | None = None
 
     @model_validator(mode="after")
@@ -200,8 +232,8 @@ class BaselineChecks(_Model):
 
 
 class GuardrailSpec(_Model):
-    interval: Duration = timedelta(seconds=30)
-    window: Duration = timedelta(minutes=2)
+    interval: PositiveDuration = timedelta(seconds=30)
+    window: PositiveDuration = timedelta(minutes=2)
     min_requests: Annotated[int, Field(ge=1)] = 100
     success_rate_min: Fraction | None = 0.99
     p99_latency_ms_max: Annotated[float, Field(gt=0)] | None = 500.0
@@ -222,7 +254,7 @@ class GuardrailSpec(_Model):
     no_data_limit: Annotated[int, Field(ge=1)] = 5  # polls in a row without enough data ...
     no_data_policy: Literal["fail", "hold"] = "fail"  # ... then fail the stage, or hold it until the deadline
     error_limit: Annotated[int, Field(ge=1)] = 4  # metric-source errors in a row before failing closed
-    deadline_margin: Duration = timedelta(minutes=10)
+    deadline_margin: Margin = timedelta(minutes=10)
     source: MetricSourceSpec = MetricSourceSpec()
     baseline: BaselineChecks | None = None
 
@@ -312,9 +344,9 @@ class DriftSpec(_Model):
 
 
 class AnalysisSpec(_Model):
-    interval: Duration = timedelta(minutes=20)
-    window: Duration = timedelta(minutes=20)
-    label_delay: Duration = timedelta(minutes=5)
+    interval: PositiveDuration = timedelta(minutes=20)
+    window: PositiveDuration = timedelta(minutes=20)
+    label_delay: Margin = timedelta(minutes=5)
     alpha: Fraction = 0.05
     min_samples: Annotated[int, Field(ge=1)] = 1000
     sequential: bool = True  # anytime-valid confidence sequences: looking often costs no false alarms
@@ -328,7 +360,7 @@ class AnalysisSpec(_Model):
     # Each stage's bake must leave at least this much label-complete traffic of its own to look at:
     # bake >= label_delay + min_label_window, unless ``allow_short_bakes`` (the guardrails alone gate
     # such a stage; its analysis sees only what earlier stages left).
-    min_label_window: Duration = timedelta(minutes=5)
+    min_label_window: Margin = timedelta(minutes=5)
     allow_short_bakes: bool = False
     score_bins: Annotated[int, Field(ge=20, le=1000)] = 100
     edge_sample: Annotated[int, Field(ge=1000)] = 50000  # rows the bin edges are taken from
@@ -336,6 +368,12 @@ class AnalysisSpec(_Model):
     critical_segments: list[CriticalSegment] = []
     metrics: Annotated[list[MetricSpec], Field(min_length=1)]
     drift: DriftSpec = DriftSpec()
+
+    @model_validator(mode="after")
+    def _window_covers_interval(self) -> AnalysisSpec:
+        if self.window < self.interval:
+            raise ValueError("window must be at least one interval long")
+        return self
 
     @model_validator(mode="after")
     def _critical_segments_are_segments(self) -> AnalysisSpec:
@@ -361,8 +399,8 @@ class Policies(_Model):
 
     inconclusive: Policy = "rollback"
     invalid: Policy = "rollback"
-    max_extension: Duration = timedelta(minutes=30)
-    ask_timeout: Duration = timedelta(hours=1)
+    max_extension: Margin = timedelta(minutes=30)
+    ask_timeout: PositiveDuration = timedelta(hours=1)
 
     @property
     def asks(self) -> bool:
@@ -377,7 +415,7 @@ class ApprovalSpec(_Model):
     """A person approves the last traffic step (Airflow's Approve / Reject); no answer in time rejects."""
 
     before_final_stage: bool = False
-    timeout: Duration = timedelta(hours=1)
+    timeout: PositiveDuration = timedelta(hours=1)
     assignees: list[Annotated[str, Field(min_length=1)]] = []  # Airflow user ids who may answer (and ask decisions)
 
 
@@ -431,14 +469,7 @@ class TaskRetries(_Model):
 
     traffic: Annotated[int, Field(ge=0, le=10)] = 3  # shift_traffic and promote
     rollback: Annotated[int, Field(ge=1, le=20)] = 5  # the rollback teardown, waiting twice as long each time
-    delay: Duration = timedelta(seconds=5)  # before the first retry
-
-    @field_validator("delay")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value.total_seconds() <= 0:
-            raise ValueError("must be longer than 0 s")
-        return value
+    delay: PositiveDuration = timedelta(seconds=5)  # before the first retry
 
 
 class RolloutSpec(_Model):

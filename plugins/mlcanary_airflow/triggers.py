@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from mlcanary import progress
 from mlcanary import rollout as steps
 from mlcanary.analysis import AnalysisResult, AnalysisWindow, analyze
-from mlcanary.audit import record_checks
+from mlcanary.audit import record_checks, record_decision
 from mlcanary.guardrails import GuardrailResult, evaluate_guardrails
 from mlcanary.lifecycle import after_guardrails
 from mlcanary.sources import MetricSource
@@ -233,7 +233,22 @@ class _GuardrailPolls(BaseTrigger):
             )
         return result
 
-    def _looking(self, spec: RolloutSpec, state: WatchState) -> tuple[WatchState, Ended | None]:
+    def _record_confirm(self, spec: RolloutSpec, state: WatchState, reason: str) -> None:
+        """A failing look that does not end the stage yet, in the decision log (once per look)."""
+        a = spec.analysis
+        with self._engine(spec).begin() as conn:
+            record_decision(
+                conn,
+                rollout_id=self.rollout_id,
+                model=spec.model,
+                stage=self.stage,
+                action="confirm",
+                verdict=Verdict.FAIL,
+                reason=f"failing look {state.look_fails} of {a.consecutive_fails} during the bake: {reason}",
+                key=f"confirm:{self.wait}:{state.looks}",
+            )
+
+    async def _looking(self, spec: RolloutSpec, state: WatchState) -> tuple[WatchState, Ended | None]:
         """Take the verdict of a background look that finished; start the next when it is due and
         none is running (a look slower than the interval delays the next, never piles up)."""
         if not self.looks_in_background:
@@ -248,6 +263,8 @@ class _GuardrailPolls(BaseTrigger):
                 self.log.warning("stage %d: background analysis look failed: %r", self.stage, exc)
             else:
                 state, ended = after_look(state, result.verdict, result.reason, spec.analysis.consecutive_fails)
+                if ended is None and state.look_fails:
+                    await self._best_effort(spec, self._record_confirm, spec, state, result.reason)
                 self.log.info(
                     "stage %d: analysis look %d in the background: %s: %s",
                     self.stage,
@@ -340,7 +357,7 @@ class GuardrailTrigger(_GuardrailPolls):
         await CLOCK.sleep(min(interval, max(0.0, first - CLOCK.wall())))
         while True:
             state, ended, wait, last = await self._poll(spec, state, self.bake_seconds)
-            state, looked = self._looking(spec, state)
+            state, looked = await self._looking(spec, state)
             if looked is not None and (ended is None or ended.end is End.HEALTHY):
                 ended = looked  # a failing analysis outweighs a healthy bake
             ended = ended or past_deadline(state, CLOCK.wall() + wait, self.deadline_epoch, self.bake_seconds)
@@ -463,7 +480,7 @@ class GuardedHITLTrigger(_GuardrailPolls):
                 return
             if CLOCK.monotonic() >= next_poll:
                 state, ended, wait, _ = await self._poll(spec, state, float("inf"))
-                state, looked = self._looking(spec, state)
+                state, looked = await self._looking(spec, state)
                 ended = ended or looked
                 if ended is not None:
                     done = await self._end_badly(spec, ended)  # traffic first, then the question

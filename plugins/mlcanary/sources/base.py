@@ -21,6 +21,9 @@ class ArmHealth:
     resource_samples: int
     cpu: float | None
     memory: float | None
+    # rows that break the data's rules, each naming the column, the rule and how many: the
+    # comparison is INVALID, never PASS (``success`` holding status codes, latency < 0, CPU in %)
+    problems: tuple[str, ...] = ()
 
     @property
     def success_rate(self) -> float | None:

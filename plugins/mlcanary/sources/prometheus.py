@@ -69,39 +69,61 @@ class PrometheusMetrics:
             raise MetricSourceError(f"Prometheus refused {promql!r}: HTTP {response.status_code}: {detail}")
         data = body["data"]
         if data["resultType"] == "scalar":
-            return _float(data["result"][1])
+            return float(data["result"][1])
         if data["resultType"] != "vector":
             raise MetricSourceError(f"{promql!r} returned a {data['resultType']}, not an instant vector or scalar")
         return data["result"] or None
 
-    def _number(self, template: str | None, version: str, start: datetime, end: datetime) -> float | None:
+    def _number(self, name: str, version: str, start: datetime, end: datetime, required: bool = False) -> float | None:
+        """The one number query ``name`` returns; None for an empty answer (no data), an error when
+        the answer is ``required`` (an empty ``failures`` is a typo or a missing series, never zero
+        failures), NaN or infinite, or more than one series."""
+        template = getattr(self.queries, name)
         if template is None:
             return None
         promql = self._render(template, version, start, end)
         result = self.query(promql, end)
-        if result is None or isinstance(result, float):
-            return result
-        if len(result) != 1:
-            raise MetricSourceError(f"{promql!r} returned {len(result)} series; aggregate it to one (sum, avg, ...)")
-        return _float(result[0]["value"][1])
+        where = f"source.queries.{name} {promql!r}"
+        if isinstance(result, list):
+            if len(result) != 1:
+                raise MetricSourceError(f"{where} returned {len(result)} series; aggregate it to one (sum, avg, ...)")
+            result = float(result[0]["value"][1])
+        if result is None:
+            if required:
+                raise MetricSourceError(
+                    f"{where} returned no series while requests were counted: a wrong metric or label, or no "
+                    "series yet (write `... or vector(0)` where none means zero)"
+                )
+            return None
+        if not math.isfinite(result):
+            raise MetricSourceError(f"{where} returned {result}, not a number of this window")
+        return result
 
     def request_counts(self, version: str, start: datetime, end: datetime) -> tuple[int, int]:
-        """Requests and failed requests only: the two count queries of :meth:`measure`."""
-        n = round(self._number(self.queries.requests, version, start, end) or 0.0)
-        return n, min(n, round(self._number(self.queries.failures, version, start, end) or 0.0))
+        """Requests and failed requests only: the two count queries of :meth:`measure`. No requests
+        series is no data; with requests counted, the failures query must answer."""
+        n = round(self._number("requests", version, start, end) or 0.0)
+        if n == 0:
+            return 0, 0
+        return n, min(n, round(self._number("failures", version, start, end, required=True) or 0.0))
 
     def measure(self, version: str, start: datetime, end: datetime) -> ArmHealth:
-        q = self.queries
         n, failures = self.request_counts(version, start, end)
-        cpu = self._number(q.cpu, version, start, end)
-        memory = self._number(q.memory, version, start, end)
+        cpu = self._number("cpu", version, start, end)
+        memory = self._number("memory", version, start, end)
+        problems = tuple(
+            f"source.queries.{name} of {version} returned {value:g}: utilisation is a fraction (0-1), not a percentage"
+            for name, value in (("cpu", cpu), ("memory", memory))
+            if value is not None and not 0 <= value <= 1
+        )
         return ArmHealth(
             requests=n,
             failures=failures,
-            p99_latency_ms=self._number(q.p99_latency_ms, version, start, end) if n else None,
+            p99_latency_ms=self._number("p99_latency_ms", version, start, end, required=True) if n else None,
             resource_samples=int(cpu is not None or memory is not None),
             cpu=cpu,
             memory=memory,
+            problems=problems,
         )
 
     def slower_than(self, version: str, start: datetime, end: datetime, latency_ms: float) -> int:
@@ -111,11 +133,14 @@ class PrometheusMetrics:
             raise MetricSourceError("source.queries.latency_buckets is not configured")
         promql = self._render(self.queries.latency_buckets, version, start, end)
         result = self.query(promql, end)
-        if not isinstance(result, list):
-            return 0
-        buckets = sorted((float(s["metric"].get("le", "nan")), _float(s["value"][1]) or 0.0) for s in result)
-        if not buckets or not math.isinf(buckets[-1][0]):
-            raise MetricSourceError(f'{promql!r} must return cumulative buckets by le, up to le="+Inf"')
+        where = f"source.queries.latency_buckets {promql!r}"
+        if not isinstance(result, list):  # an empty answer is not "none slower"
+            raise MetricSourceError(f'{where} returned no buckets; it must return cumulative buckets up to le="+Inf"')
+        buckets = sorted((float(s["metric"].get("le", "nan")), float(s["value"][1])) for s in result)
+        if not buckets or not math.isinf(buckets[-1][0]) or any(math.isnan(le) for le, _ in buckets):
+            raise MetricSourceError(f'{where} must return cumulative buckets by le, up to le="+Inf"')
+        if not all(math.isfinite(count) for _, count in buckets):
+            raise MetricSourceError(f"{where} returned a NaN or infinite bucket count")
         return round(buckets[-1][1] - cumulative_at(buckets, latency_ms / 1000))
 
 
@@ -129,8 +154,3 @@ def cumulative_at(buckets: list[tuple[float, float]], x: float) -> float:
             return below + (count - below) * (x - lower) / (upper - lower)
         lower, below = upper, count
     return buckets[-1][1]
-
-
-def _float(text: Any) -> float | None:
-    value = float(text)
-    return None if math.isnan(value) else value

@@ -21,6 +21,28 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 OVERALL = "*"
+FLOAT_MAX = 1.7976931348623157e308
+
+
+def not_finite(x: ColumnElement) -> ColumnElement:
+    """NaN or an infinity (NULL is neither): NaN sorts above every number in PostgreSQL and DuckDB,
+    and SQLite keeps infinities (it stores NaN as NULL), so one range test finds both everywhere."""
+    return sa.not_(x.between(-FLOAT_MAX, FLOAT_MAX))
+
+
+def count_where(condition: ColumnElement) -> ColumnElement:
+    """How many rows of the group meet ``condition`` (a data check, in the same pass as the sums)."""
+    return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+
+@dataclass(frozen=True)
+class Requests:
+    """One arm's requests in a window, with the rows that break the data's rules."""
+
+    n: int
+    ok: int  # success = 1
+    bad_success: int  # success neither 0 nor 1 (a status code or an enum mapped as success)
+    bad_latency: int  # negative, NaN or infinite latency
 
 
 @dataclass(frozen=True)
@@ -52,11 +74,18 @@ def _arm_filter(t: MappedTable, model: str, version: str, start: datetime, end: 
 
 def request_counts(
     conn: Connection, t: MappedTable, model: str, version: str, start: datetime, end: datetime
-) -> tuple[int, int]:
-    """Requests and successful requests of one version in ``[start, end)``."""
-    q = sa.select(sa.func.count(), sa.func.sum(t.col("success"))).where(*_arm_filter(t, model, version, start, end))
-    n, ok = conn.execute(q).one()
-    return int(n or 0), int(ok or 0)
+) -> Requests:
+    """Requests and successful requests of one version in ``[start, end)``, and in the same pass the
+    rows whose ``success`` or latency break the contract."""
+    success, latency = t.col("success"), t.col("latency_ms")
+    q = sa.select(
+        sa.func.count(),
+        count_where(success == 1),
+        count_where(success.not_in([0, 1])),
+        count_where(sa.or_(latency < 0, not_finite(latency))),
+    ).where(*_arm_filter(t, model, version, start, end))
+    n, ok, bad_success, bad_latency = conn.execute(q).one()
+    return Requests(int(n or 0), int(ok), int(bad_success), int(bad_latency))
 
 
 def latency_quantile(
@@ -101,15 +130,38 @@ def count_slower(
     return int(conn.execute(stmt).scalar() or 0)
 
 
+@dataclass(frozen=True)
+class Resources:
+    """One arm's resource samples in a window, with the samples outside 0-1 (or NaN, infinite)."""
+
+    samples: int
+    cpu: float | None
+    memory: float | None
+    bad_cpu: int
+    bad_memory: int
+
+
 def resource_means(
     conn: Connection, t: MappedTable, model: str, version: str, start: datetime, end: datetime
-) -> tuple[int, float | None, float | None]:
-    """Samples and mean CPU and memory utilisation of one version's hosts in ``[start, end)``."""
-    q = sa.select(sa.func.count(), sa.func.avg(t.col("cpu")), sa.func.avg(t.col("memory"))).where(
+) -> Resources:
+    """Samples and mean CPU and memory utilisation of one version's hosts in ``[start, end)``, and in
+    the same pass the samples that are no fraction (a percentage, NaN, infinite)."""
+    cpu, memory = t.col("cpu"), t.col("memory")
+
+    def bad(x: ColumnElement) -> ColumnElement:
+        return count_where(sa.or_(x < 0, x > 1, not_finite(x)))
+
+    q = sa.select(sa.func.count(), sa.func.avg(cpu), sa.func.avg(memory), bad(cpu), bad(memory)).where(
         *_arm_filter(t, model, version, start, end)
     )
-    n, cpu, mem = conn.execute(q).one()
-    return int(n or 0), (None if cpu is None else float(cpu)), (None if mem is None else float(mem))
+    n, mean_cpu, mean_mem, bad_cpu, bad_mem = conn.execute(q).one()
+    return Resources(
+        int(n or 0),
+        None if mean_cpu is None else float(mean_cpu),
+        None if mean_mem is None else float(mean_mem),
+        int(bad_cpu),
+        int(bad_mem),
+    )
 
 
 def _tail_sample(
@@ -248,8 +300,10 @@ def bin_index(value: ColumnElement, edges: Sequence[float], dialect: str = "") -
 
 
 # The per-row quantities that can be summed per version, segment and score bin (y: label, s: score,
-# d = s - y): count, y, y², s, s², |d|, d², d⁴.
-BIN_MEASURES = ("n", "y", "y2", "s", "s2", "ad", "d2", "d4")
+# d = s - y): count, y, y², s, s², |d|, d², d⁴; and the data checks' counts, in the same pass: labels
+# neither 0 nor 1, NaN or infinite labels, NaN or infinite scores.
+BIN_MEASURES = ("n", "y", "y2", "s", "s2", "ad", "d2", "d4", "y_not01", "y_nonfinite", "s_nonfinite")
+DATA_CHECKS = ("y_not01", "y_nonfinite", "s_nonfinite")
 
 
 def binned_aggregates(
@@ -294,6 +348,9 @@ def binned_aggregates(
         "ad": sa.func.sum(sa.func.abs(d)),
         "d2": sa.func.sum(d * d),
         "d4": sa.func.sum(d * d * d * d),
+        "y_not01": count_where(sa.and_(label.not_in([0, 1]), sa.not_(not_finite(label)))),
+        "y_nonfinite": count_where(not_finite(label)),
+        "s_nonfinite": count_where(not_finite(score)),
     }
     wanted = [m for m in BIN_MEASURES if m == "n" or m in measures]
     sums = [available[m] for m in wanted]
