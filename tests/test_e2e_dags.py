@@ -261,3 +261,16 @@ def test_advance_on_pass_holds_an_inconclusive_stage_then_rolls_back(
     extended = [d for d in out.decisions if d.action == "extend"]
     assert extended and all(d.stage == 1 for d in extended)
     assert extended[0].reason.startswith("INCONCLUSIVE, advance_on pass: looking again in 2s")
+
+
+def test_a_warehouse_that_fails_the_pre_flight_check_is_refused_before_any_traffic(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spec mapping a label column the table does not have: ``validate_and_lock`` refuses with the
+    check's findings; no lock, no split change, the candidate not marked."""
+    warehouse = {"predictions": {"columns": {"label": "outcome"}}}
+    out = run_rollout(tmp_path, monkeypatch, warehouse=warehouse)
+    assert out.state == "failed" and out.task_states["validate_and_lock"] == "failed"
+    assert out.rollout is None and out.traffic == []
+    assert out.split == Split(MODEL, "v1", None, 0.0)
+    assert out.task_states["rollback"] == "upstream_failed"

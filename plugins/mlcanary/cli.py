@@ -20,6 +20,7 @@ from mlcanary import registry
 from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.audit import record_checks
 from mlcanary.guardrails import evaluate_guardrails
+from mlcanary.preflight import check_warehouse
 from mlcanary.report import format_report, format_table, recent_rollouts, rollout_report
 from mlcanary.routers.base import Split
 from mlcanary.routers.warehouse import WarehouseRouter
@@ -230,6 +231,35 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """The pre-flight check ``validate_and_lock`` runs: exit 0 when a rollout may start, 1 when not."""
+    spec = load_spec(args.spec)
+    engine = _engine(args)
+    baseline = args.baseline_version
+    if baseline is None and spec.router.kind == "warehouse":  # what the routing table says serves
+        with contextlib.suppress(Exception):
+            split = WarehouseRouter(engine).get_split(spec.model)
+            baseline = split.baseline_version if split else None
+    with engine.connect() as conn:
+        found = check_warehouse(conn, spec, baseline)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": not found.errors,
+                    "baseline_version": baseline,
+                    "findings": [f.to_dict() for f in found.findings],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(found.summary())
+        if baseline is None:
+            print("(no baseline version given or found in the routing table: its recent rows were not checked)")
+    return 1 if found.errors else 0
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     engine = _engine(args)
     create_schema(engine, contract=False)
@@ -364,6 +394,18 @@ def build_parser(extend: Callable[[Commands], None] | None = None) -> argparse.A
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "check",
+        help="pre-flight check of the warehouse for a spec (what validate_and_lock runs)",
+        description="Tables and columns exist with usable types, timestamps compare right, an index serves the "
+        "polls, and the baseline has recent rows. Exit 0: a rollout may start; 1: it would be refused.",
+    )
+    p.add_argument("--spec", required=True, type=Path)
+    _warehouse(p)
+    p.add_argument("--baseline-version", help="the version serving (default: the warehouse routing table's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("validate", help="validate rollout spec files or folders")
     p.add_argument("paths", nargs="+")

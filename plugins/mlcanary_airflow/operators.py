@@ -10,6 +10,7 @@ skip or fail.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import UTC, timedelta
 from functools import cached_property
@@ -26,6 +27,7 @@ from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.audit import last_decision, record_checks, record_decision
 from mlcanary.lifecycle import Action, Next, Status, Step, after_guardrails, after_look, describe, refusal
 from mlcanary.mlflow_alias import promote_alias
+from mlcanary.preflight import check_warehouse
 from mlcanary.report import format_report, rollout_report
 from mlcanary.routers.base import Router
 from mlcanary.spec import RolloutSpec, show_duration
@@ -203,6 +205,7 @@ class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
                 )
             candidate = found.version
             self.log.info("candidate %s from the registry (registered %s)", candidate, found.registered_at)
+        self._preflight(params.get("baseline_version") or None)
         try:
             started = steps.begin_rollout(
                 self.engine,
@@ -232,6 +235,20 @@ class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
             " (dry run)" if started.dry_run else "",
         )
         return started.ref.to_dict()
+
+    def _preflight(self, baseline: str | None) -> None:
+        """The warehouse's pre-flight check (:mod:`mlcanary.preflight`) before any traffic moves: errors
+        refuse the start with every reason, warnings go to the log."""
+        if baseline is None:
+            with contextlib.suppress(Exception):  # unreadable: begin_rollout says why, with its retries
+                split = self.router.get_split(self.spec.model)
+                baseline = split.baseline_version if split else None
+        with self.engine.connect() as conn:
+            found = check_warehouse(conn, self.spec, baseline)
+        for warning in found.warnings:
+            self.log.warning("mlcanary pre-flight: %s", warning.message)
+        if found.errors:
+            raise AirflowFailException(f"{found.summary()}\nNo traffic was changed.")
 
     def _stale_snapshot(self) -> None:
         """This DAG runs on the spec another rollout started with. While that rollout holds the lock the

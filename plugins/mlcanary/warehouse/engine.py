@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from datetime import UTC, datetime
 
@@ -30,9 +31,9 @@ STATEMENT_TIMEOUT_S = 300  # PostgreSQL: no query (a poll, a look) runs longer; 
 
 
 def _timeouts(parsed: URL) -> dict[str, object]:
-    """Connect and statement timeouts for the dialects that take them as connect arguments; a value
-    in the URL's query (``?connect_timeout=...``, ``?options=-c statement_timeout=...``) wins, and
-    other ``options`` in the URL (a ``search_path``) are kept."""
+    """Connect and statement timeouts for the dialects that take them as connect arguments, and a
+    UTC session on PostgreSQL; a value in the URL's query (``?connect_timeout=...``, ``?options=-c
+    statement_timeout=...``) wins, and other ``options`` in the URL (a ``search_path``) are kept."""
     if parsed.get_backend_name() == "sqlite":
         return {"timeout": 30}  # the wait for a writer's lock
     if parsed.get_backend_name() != "postgresql":
@@ -43,7 +44,10 @@ def _timeouts(parsed: URL) -> dict[str, object]:
     options = parsed.query.get("options", "")
     options = options if isinstance(options, str) else " ".join(options)
     if "statement_timeout" not in options:
-        args["options"] = f"{options} -c statement_timeout={STATEMENT_TIMEOUT_S * 1000}".strip()
+        options = f"{options} -c statement_timeout={STATEMENT_TIMEOUT_S * 1000}".strip()
+    if "timezone" not in options.lower():  # naive UTC bounds against timestamptz columns read as UTC
+        options = f"{options} -c TimeZone=UTC".strip()
+    args["options"] = options
     return args
 
 
@@ -55,7 +59,16 @@ def make_engine(url: str) -> Engine:
         engine = sa.create_engine(parsed, connect_args=_timeouts(parsed))
         sa.event.listen(engine, "connect", _tune_sqlite)
         return engine
-    return sa.create_engine(parsed, pool_pre_ping=True, connect_args=_timeouts(parsed))
+    engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=_timeouts(parsed))
+    if parsed.get_backend_name() == "duckdb":
+        sa.event.listen(engine, "connect", _duckdb_utc)
+    return engine
+
+
+def _duckdb_utc(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    """Naive UTC bounds against TIMESTAMPTZ columns read as UTC (DuckDB's default is the local zone)."""
+    with contextlib.suppress(Exception):  # built without ICU: no time zones at all, timestamps compare as stored
+        dbapi_conn.execute("SET TimeZone = 'UTC'")
 
 
 def utcnow() -> datetime:
