@@ -79,7 +79,7 @@ def test_a_rollback_is_announced_from_its_result(slack: Service) -> None:
     (sent,) = [q.json()["text"] for q in slack.requests]
     assert sent.startswith("mlcanary: unit-ranker v2 (baseline v1) rolled back: the canary is at 0 %")
     assert "(the router reports v1 100 %, v2 0 %)" in sent
-    assert "Why: guardrails stage 2 breach: p99_latency_ms 424.2 ms >= 250.0 ms" in sent
+    assert "Why: guardrails stage 2 breach: p99_latency_ms 424.2 ms &gt;= 250.0 ms" in sent  # Slack shows ">="
 
 
 def test_a_dead_channel_is_logged_not_raised(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -89,3 +89,29 @@ def test_a_dead_channel_is_logged_not_raised(monkeypatch: pytest.MonkeyPatch, ca
     )
     RolloutNotifier(spec=data, event="rollback_failed").notify(_context("rollback", RuntimeError("boom")))
     assert "the Slack notification about rollback_failed could not be sent" in caplog.text
+
+
+HOSTILE = "ctr for region=<!channel> <https://evil.example|click here> & [x](https://evil.example) **now** fell"
+
+
+def test_values_from_the_data_are_inert_in_slack(slack: Service) -> None:
+    """A segment value (it comes from the data) must not ping the channel or add a link."""
+    data = base_spec(notifications={"slack": {"conn_id": "slack_test"}})
+    RolloutNotifier(spec=data, event="rollback").notify(
+        _context("rollback", rollback={"reason": f"analysis: {HOSTILE}", "split": "v1 100 %, v2 0 %"})
+    )
+    (sent,) = [q.json()["text"] for q in slack.requests]
+    assert "<!channel>" not in sent and "<https://" not in sent and "&lt;!channel&gt;" in sent
+    assert "&lt;https://evil.example|click here&gt; &amp; [x]" in sent
+
+
+def test_values_from_the_data_are_inert_in_markdown() -> None:
+    """The question's body is Markdown: rendered by a CommonMark parser, the escaped text is the
+    text as typed, with no link, no emphasis and no HTML."""
+    from markdown_it import MarkdownIt
+
+    from mlcanary.escape import markdown_text
+
+    html = MarkdownIt("commonmark").render(markdown_text(HOSTILE))
+    assert "<a " not in html and "<strong>" not in html and "<!channel>" not in html
+    assert html == "<p>" + HOSTILE.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") + "</p>\n"

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from mlcanary.warehouse.queries import (
+    OTHER,
     OVERALL,
     Requests,
     bin_index,
@@ -242,3 +243,42 @@ def test_spec_identifiers_are_quoted_not_spliced(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         assert request_counts(conn, t, "m", "v1", T0, T0 + timedelta(minutes=1)) == Requests(2, 1, 0, 0)
         assert latency_quantile(conn, t, "m", "v1", T0, T0 + timedelta(minutes=1), 0.5) == 15.0
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_a_high_cardinality_segment_is_capped_into_one_other_segment(any_engine: sa.Engine, sampled: bool) -> None:
+    """2,000 distinct values, cap 20: the 20 most frequent are kept (value v0 is the most frequent),
+    the rest summed as "(other)"; nothing is lost, and the result does not grow with the values.
+    ``sampled=False``: the sample misses most values, so the fold happens after the scan."""
+    df = _frame(n=6000, seed=11)
+    rng = np.random.default_rng(3)
+    df["region"] = [f"r{i}" for i in rng.integers(0, 2000, len(df))]
+    df.loc[df.index[:600], "region"] = "v0"  # the most frequent value by far
+    _load(any_engine, df)
+    t = mapped_table("predictions", None, COLUMNS, extra=["region"])
+    start, end, asof = T0 - timedelta(hours=1), T0 + timedelta(seconds=600), T0 + timedelta(hours=1)
+    with any_engine.connect() as conn:
+        rows = binned_aggregates(
+            conn,
+            t,
+            "m",
+            ["v1", "v2"],
+            start,
+            end,
+            asof,
+            ["region"],
+            [0.5],
+            slices=1,
+            sample_rows=50_000 if sampled else 5,
+            max_values=20,
+        )
+    values = {r["value"] for r in rows if r["column"] == "region"}
+    assert len(values) <= 21 and OTHER in values and "v0" in values
+    labelled = df[df.label.notna()]
+    for version in ("v1", "v2"):
+        mine = [r for r in rows if r["version"] == version]
+        overall = sum(r["n"] for r in mine if r["column"] == OVERALL)
+        assert overall == (labelled.model_version == version).sum()
+        assert sum(r["n"] for r in mine if r["column"] == "region") == overall  # every row in one segment
+        v0 = sum(r["n"] for r in mine if r["value"] == "v0")
+        assert v0 == ((labelled.model_version == version) & (labelled.region == "v0")).sum()

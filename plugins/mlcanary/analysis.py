@@ -147,7 +147,9 @@ def analyze(
         score_edges,
         sorted({m for metric in a.metrics for m in (*_needs(metric), *_checks_of(metric))}),
         sample_rows=a.edge_sample,
+        max_values=a.max_segment_values,
     )
+    folded = sorted({r["column"] for r in rows if r["value"] == queries.OTHER})
     segments = pd.DataFrame(rows, columns=["version", "column", "value", "bin", *queries.BIN_MEASURES])
     broken = _data_checks(spec, table, segments, {baseline_version: "baseline", canary_version: "canary"}, window)
     if broken:  # sums of broken data mean nothing, and NaN ones crash the statistics: no comparison at all
@@ -179,6 +181,11 @@ def analyze(
         mine = _correct(mine, a.alpha, a.correction)
         checks += [c for c, _ in mine]
         flags += _simpson(metric, [c for c, _ in mine])
+    flags += [
+        f"segment column {c} has more than {a.max_segment_values} values: the {a.max_segment_values} most frequent "
+        f"are compared one by one, the rest as {c}={queries.OTHER}"
+        for c in folded
+    ]
     checks += _drift_checks(spec, features, segments, baseline_version, canary_version, score_edges, window)
     verdict = combine(checks)
     reason = first_reason(checks, verdict)

@@ -365,6 +365,9 @@ class AnalysisSpec(_Model):
     score_bins: Annotated[int, Field(ge=20, le=1000)] = 100
     edge_sample: Annotated[int, Field(ge=1000)] = 50000  # rows the bin edges are taken from
     segments: list[Identifier] = []
+    # Per segment column, the most values compared one by one (the most frequent); the rest are one
+    # segment, "(other)", so cost and audit rows stay bounded whatever the column's cardinality.
+    max_segment_values: Annotated[int, Field(ge=1, le=10_000)] = 50
     critical_segments: list[CriticalSegment] = []
     metrics: Annotated[list[MetricSpec], Field(min_length=1)]
     drift: DriftSpec = DriftSpec()

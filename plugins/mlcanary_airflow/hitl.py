@@ -20,6 +20,7 @@ from airflow.sdk import Context
 from airflow.sdk.bases.notifier import BaseNotifier
 from airflow.sdk.exceptions import TaskAwaitingInput
 
+from mlcanary.escape import markdown_text
 from mlcanary.lifecycle import Action, Step, after_guardrails, final_decision
 from mlcanary.rollout import RolloutRef
 from mlcanary.spec import RolloutSpec
@@ -176,8 +177,8 @@ class DecideOperator(GuardedQuestion, HITLBranchOperator):
                 self.decide(rollout, "ask", nxt.reason, stage, verdict, key="ask:decide")
                 self.body = (
                     f"The final analysis of `{rollout.canary_version}` against `{rollout.baseline_version}` is "
-                    f"**{verdict.value}**: {final.get('reason')}\n\nPromote it, Extend the analysis (then decided "
-                    f"automatically), or Roll back. No answer within {p.ask_timeout} rolls back."
+                    f"**{verdict.value}**: {markdown_text(str(final.get('reason')))}\n\nPromote it, Extend the "
+                    f"analysis (then decided automatically), or Roll back. No answer within {p.ask_timeout} rolls back."
                 )
                 return self.ask(context, rollout, stage, ROLL_BACK, DECISION)  # defers, watched by the guardrails
         self.log.info(nxt.reason)

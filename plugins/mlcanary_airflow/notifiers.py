@@ -9,6 +9,7 @@ from airflow.configuration import conf
 from airflow.sdk import Context
 from airflow.sdk.bases.notifier import BaseNotifier
 
+from mlcanary.escape import slack_text
 from mlcanary.spec import NotifyEvent, RolloutSpec
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def _guarded(channel: str, what: str, call: Any) -> None:
 def _slack(conn_id: str, text: str, context: Context) -> None:
     from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
-    SlackWebhookNotifier(slack_webhook_conn_id=conn_id, text=text).notify(context)
+    SlackWebhookNotifier(slack_webhook_conn_id=conn_id, text=slack_text(text)).notify(context)
 
 
 def _email(conn_id: str, to: list[str], from_email: str | None, subject: str, text: str, context: Context) -> None:

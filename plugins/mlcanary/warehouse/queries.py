@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 OVERALL = "*"
+OTHER = "(other)"  # the segment that holds a column's values beyond its cap
 FLOAT_MAX = 1.7976931348623157e308
 
 
@@ -319,6 +320,7 @@ def binned_aggregates(
     measures: Sequence[str] = BIN_MEASURES,
     slices: int | None = None,
     sample_rows: int = 50_000,
+    max_values: int = 50,
 ) -> list[dict[str, Any]]:
     """Per version, segment (``column``/``value``; "*" for the whole arm) and score bin, the sums of
     ``measures`` (names from :data:`BIN_MEASURES`; the rest are 0) over the label-complete rows of
@@ -335,6 +337,10 @@ def binned_aggregates(
     - SQLite groups by sorting, and sorts one integer key far faster than several text keys: there
       the keys are packed into one integer, the segment values numbered from the arms' most recent
       ``sample_rows`` rows (:class:`_PackedKeys`). A value the sample missed costs one more scan.
+    - A segment column keeps at most ``max_values`` values, its most frequent in the sample; the
+      rest are summed as one segment, :data:`OTHER`. A column with more values than that in the
+      sample is folded in the scan itself, so neither the scan's result nor the segments grow with
+      the column's cardinality; one with more outside the sample is folded here.
     """
     label, score = t.col("label"), t.col("score")
     d = score - label
@@ -361,10 +367,20 @@ def binned_aggregates(
         label.is_not(None),
         t.col("label_ts") <= label_asof,
     ]
-    keys: _PlainKeys | _PackedKeys = _PlainKeys(score_bin, t.col("version"), [t.col(c) for c in segment_columns])
+    kept: dict[str, list[Any]] = {}
+    capped: set[str] = set()
+    if segment_columns:
+        for column, counted in sample_value_counts(
+            conn, t, model, versions, start, end, segment_columns, sample_rows
+        ).items():
+            kept[column] = sorted((v for v, _ in counted[:max_values]), key=str)
+            if len(counted) > max_values:
+                capped.add(column)
+    plain = [_folded(t.col(c), kept[c]) if c in capped else t.col(c) for c in segment_columns]
+    keys: _PlainKeys | _PackedKeys = _PlainKeys(score_bin, t.col("version"), plain)
     if conn.dialect.name == "sqlite" and segment_columns:
-        codebook = sample_values(conn, t, model, versions, start, end, segment_columns, sample_rows)
-        keys = _PackedKeys.build(score_bin, len(score_edges), t.col("version"), versions, t, codebook) or keys
+        folded = {j for j, c in enumerate(segment_columns) if c in capped}
+        keys = _PackedKeys.build(score_bin, len(score_edges), t.col("version"), versions, t, kept, folded) or keys
 
     count = scan_slices(conn) if slices is None else slices
     bounds = _time_slices(start, end, *_data_span(conn, t, model, versions, start, end), count) if count > 1 else []
@@ -409,6 +425,7 @@ def binned_aggregates(
         column = t.col(segment_columns[j])
         for row in scan([score_bin, t.col("version"), column], [column.not_in(keys.values[j]), column.is_not(None)]):
             add((row[1], segment_columns[j], str(row[2]), int(row[0])), row[3:])
+    _fold(marginals, segment_columns, max_values)
     return [
         dict(version=v, column=c, value=val, bin=b, **dict(zip(BIN_MEASURES, acc, strict=True)))
         for (v, c, val, b), acc in marginals.items()
@@ -416,6 +433,33 @@ def binned_aggregates(
 
 
 _UNSEEN = object()  # a segment value the codebook of packed keys does not have
+
+
+def _folded(column: ColumnElement, kept: Sequence[Any]) -> ColumnElement:
+    """The column's value if it is one of ``kept``, else :data:`OTHER` (NULL stays NULL), as text."""
+    return sa.case(
+        (column.is_(None), sa.null()),
+        (column.in_(list(kept)), sa.cast(column, sa.String)),
+        else_=sa.literal(OTHER),
+    )
+
+
+def _fold(marginals: dict[tuple[str, str, str, int], list[float]], columns: Sequence[str], max_values: int) -> None:
+    """Keep each column's ``max_values`` most frequent values; sum the rest into :data:`OTHER`."""
+    for column in columns:
+        sizes: dict[str, float] = {}
+        for (_, c, value, _), acc in marginals.items():
+            if c == column:
+                sizes[value] = sizes.get(value, 0.0) + acc[0]
+        values = [v for v in sizes if v != OTHER]
+        if len(values) <= max_values:
+            continue
+        keep = set(sorted(values, key=lambda v: (-sizes[v], v))[:max_values])
+        for key in [k for k in marginals if k[1] == column and k[2] not in keep and k[2] != OTHER]:
+            acc = marginals.pop(key)
+            into = marginals.setdefault((key[0], column, OTHER, key[3]), [0.0] * len(acc))
+            for i, v in enumerate(acc):
+                into[i] += v
 
 
 @dataclass(frozen=True)
@@ -445,6 +489,7 @@ class _PackedKeys:
     versions: Sequence[str]
     values: list[list[Any]]  # per segment column, the codebook
     bins: int  # score bins: len(edges) + 1, plus one for NULL scores
+    folded: frozenset[int] = frozenset()  # columns whose values beyond the codebook are OTHER
 
     @classmethod
     def build(
@@ -455,6 +500,7 @@ class _PackedKeys:
         versions: Sequence[str],
         t: MappedTable,
         codebook: Mapping[str, list[Any]],
+        folded: set[int] | frozenset[int] = frozenset(),
     ) -> _PackedKeys | None:
         """The packed key, or None when it would not fit in 63 bits."""
         key: ColumnElement = sa.case(*((version == v, sa.literal(i)) for i, v in enumerate(versions)), else_=0)
@@ -471,7 +517,7 @@ class _PackedKeys:
         bins = edges + 2
         if radix * bins >= 2**62:
             return None
-        return cls((key * bins + score_bin + 1).label("k"), versions, list(codebook.values()), bins)
+        return cls((key * bins + score_bin + 1).label("k"), versions, list(codebook.values()), bins, frozenset(folded))
 
     @property
     def columns(self) -> list[ColumnElement]:
@@ -480,13 +526,15 @@ class _PackedKeys:
     def decode(self, keys: Sequence[Any]) -> tuple[int, str, Sequence[Any]]:
         rest, b = divmod(int(keys[0]), self.bins)
         segs: list[Any] = []
-        for values in reversed(self.values):
+        for j in reversed(range(len(self.values))):
+            values = self.values[j]
             rest, code = divmod(rest, len(values) + 2)
-            segs.append(None if code == 0 else _UNSEEN if code > len(values) else values[code - 1])
+            beyond = OTHER if j in self.folded else _UNSEEN
+            segs.append(None if code == 0 else beyond if code > len(values) else values[code - 1])
         return b - 1, self.versions[rest], segs[::-1]
 
 
-def sample_values(
+def sample_value_counts(
     conn: Connection,
     t: MappedTable,
     model: str,
@@ -495,18 +543,21 @@ def sample_values(
     end: datetime,
     columns: Sequence[str],
     sample_rows: int,
-) -> dict[str, list[Any]]:
-    """The distinct non-NULL values of each column in the versions' most recent ``sample_rows`` rows."""
+) -> dict[str, list[tuple[Any, int]]]:
+    """The distinct non-NULL values of each column in the versions' most recent ``sample_rows``
+    rows, with their counts, most frequent first."""
     values = [t.col(c) for c in columns]
     cte = _tails(t, model, versions, start, end, values, sample_rows)
     branches = [
-        sa.select(sa.literal(i).label("k"), cte.c[f"c{i}"].label("v")).where(cte.c[f"c{i}"].is_not(None)).distinct()
+        sa.select(sa.literal(i).label("k"), cte.c[f"c{i}"].label("v"), sa.func.count().label("n"))
+        .where(cte.c[f"c{i}"].is_not(None))
+        .group_by(cte.c[f"c{i}"])
         for i in range(len(columns))
     ]
-    found: dict[str, list[Any]] = {c: [] for c in columns}
-    for k, v in conn.execute(sa.union_all(*branches)):
-        found[columns[int(k)]].append(v)
-    return {c: sorted(vs, key=str) for c, vs in found.items()}
+    found: dict[str, list[tuple[Any, int]]] = {c: [] for c in columns}
+    for k, v, n in conn.execute(sa.union_all(*branches)):
+        found[columns[int(k)]].append((v, int(n)))
+    return {c: sorted(vs, key=lambda vn: (-vn[1], str(vn[0]))) for c, vs in found.items()}
 
 
 MAX_SLICES = 8
