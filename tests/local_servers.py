@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ class Service:
 
 @contextmanager
 def serve(handle: Any) -> Iterator[Service]:
-    """Serve ``handle(service, request) -> (status, body dict | None)`` until the block ends."""
+    """Serve ``handle(service, request) -> (status, body dict | bytes | None[, headers])`` until the block ends."""
     service = Service()
 
     class Handler(BaseHTTPRequestHandler):
@@ -52,9 +53,11 @@ def serve(handle: Any) -> Iterator[Service]:
             if service.fail_next:
                 status, body = service.fail_next.pop(0), {"error": "injected failure"}
             else:
-                status, body = handle(service, request)
-            payload = b"" if body is None else json.dumps(body).encode()
+                status, body, *more = handle(service, request)
+            payload = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
             self.send_response(status)
+            for name, value in (more[0] if more else {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
@@ -78,19 +81,26 @@ def serve(handle: Any) -> Iterator[Service]:
 
 def traffic_service(secret: str) -> Any:
     """The webhook protocol of :mod:`mlcanary.routers.webhook`, as a traffic service would implement it:
-    signatures checked, splits stored per model, a repeated Idempotency-Key applied once."""
+    signatures checked (of the body, or of a GET's query string), splits stored per model, a repeated
+    Idempotency-Key applied once, and every answer signed the same way."""
 
-    def handle(service: Service, request: Request) -> tuple[int, dict | None]:
+    def mac(timestamp: str, content: bytes) -> str:
+        return "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + content, hashlib.sha256).hexdigest()
+
+    def signed(status: int, body: dict) -> tuple[int, bytes, dict[str, str]]:
+        payload, now = json.dumps(body).encode(), str(int(time.time()))
+        return status, payload, {"X-Mlcanary-Timestamp": now, "X-Mlcanary-Signature": mac(now, payload)}
+
+    def handle(service: Service, request: Request) -> tuple[int, bytes, dict[str, str]]:
         timestamp = request.headers.get("X-Mlcanary-Timestamp", "")
-        expected = (
-            "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + request.body, hashlib.sha256).hexdigest()
-        )
+        query = urlparse(request.path).query.encode()
+        expected = mac(timestamp, request.body if request.method != "GET" else query)
         if not hmac.compare_digest(request.headers.get("X-Mlcanary-Signature", ""), expected):
-            return 401, {"error": "bad signature"}
+            return signed(401, {"error": "bad signature"})
         splits: dict[str, dict] = service.state.setdefault("splits", {})
         if request.method == "GET":
             model = parse_qs(urlparse(request.path).query)["model"][0]
-            return (200, splits[model]) if model in splits else (404, {"error": "unknown model"})
+            return signed(200, splits[model]) if model in splits else signed(404, {"error": "unknown model"})
         seen: set[str] = service.state.setdefault("keys", set())
         key = request.headers["Idempotency-Key"]
         if key not in seen:
@@ -98,7 +108,7 @@ def traffic_service(secret: str) -> Any:
             body = request.json()
             splits[body["model"]] = body
             service.state["applied"] = service.state.get("applied", 0) + 1
-        return 200, {"ok": True}
+        return signed(200, {"ok": True})
 
     return handle
 

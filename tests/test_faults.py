@@ -177,7 +177,7 @@ def test_a_rollback_reaches_the_router_and_is_announced_with_the_warehouse_down(
     )
     monkeypatch.setenv(
         "AIRFLOW_CONN_FAULTS_ROUTER",
-        json.dumps({"conn_type": "http", "extra": {"url": traffic.url}, "password": SECRET}),
+        json.dumps({"conn_type": "http", "extra": {"url": traffic.url, "allow_http": True}, "password": SECRET}),
     )
     router = WebhookRouter(traffic.url, SECRET)
     router.set_split(Split(MODEL, "v1", None, 0.0), None)
@@ -342,7 +342,7 @@ def _sqlite_warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
 def _webhook(monkeypatch: pytest.MonkeyPatch, service: Service) -> WebhookRouter:
     monkeypatch.setenv(
         "AIRFLOW_CONN_FAULTS_ROUTER",
-        json.dumps({"conn_type": "http", "extra": {"url": service.url}, "password": SECRET}),
+        json.dumps({"conn_type": "http", "extra": {"url": service.url, "allow_http": True}, "password": SECRET}),
     )
     router = WebhookRouter(service.url, SECRET)
     router.set_split(Split(MODEL, "v1", None, 0.0), None)

@@ -123,7 +123,7 @@ def stack(
     env = {
         "AIRFLOW_CONN_MLCANARY_WAREHOUSE": json.dumps({"conn_type": "sqlite", "host": str(warehouse_db)}),
         "AIRFLOW_CONN_FAULT_ROUTER": json.dumps(
-            {"conn_type": "http", "extra": {"url": hanging_router.url}, "password": SECRET}
+            {"conn_type": "http", "extra": {"url": hanging_router.url, "allow_http": True}, "password": SECRET}
         ),
         "MLCANARY_WATCHDOG_SECONDS": "10",
     }

@@ -52,6 +52,12 @@ def test_webhook_round_trip_is_signed_and_idempotent(
         json.dumps({"conn_type": "http", "extra": {"url": traffic.url}, "password": SECRET}),
     )
     spec = _spec(kind="webhook", retries=2)
+    with pytest.raises(ValueError, match=r"without TLS; use https, or set the extra \"allow_http\": true"):
+        router_for(spec)  # traffic changes in the clear only when the connection says so
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLCANARY_ROUTER",
+        json.dumps({"conn_type": "http", "extra": {"url": traffic.url, "allow_http": True}, "password": SECRET}),
+    )
     router = router_for(spec)
     assert isinstance(router, WebhookRouter) and router.get_split(spec.model) is None
     r = lifecycle.begin_rollout(engine, router, spec, "dag/run", "v2", "v1")
@@ -108,6 +114,21 @@ def test_an_unreachable_platform_leaves_the_failure_recorded(engine: sa.Engine, 
 
 
 # --- SageMaker -----------------------------------------------------------------------------------
+
+
+def test_signed_answers_are_checked_so_a_forged_read_back_is_not_trusted(traffic: Service) -> None:
+    """The service signs its answers; a man in the middle that rewrites the read-back (the canary
+    "at 0 %") cannot sign it, and the router refuses the answer instead of believing it."""
+    router = WebhookRouter(traffic.url, SECRET, retries=0, verify_answers=True)
+    router.set_split(Split("m", "v1", "v2", 20.0), "r")
+    assert router.get_split("m") == Split("m", "v1", "v2", 20.0, "r")
+    forged = {"model": "m", "baseline_version": "v1", "canary_version": "v2", "canary_percent": 0.0, "rollout_id": "r"}
+    with serve(lambda service, request: (200, forged)) as impostor:  # answers, but cannot sign
+        with pytest.raises(TrafficShiftError, match="carries no valid signature, or an old one: not trusted"):
+            WebhookRouter(impostor.url, SECRET, retries=0, verify_answers=True).get_split("m")
+        assert WebhookRouter(impostor.url, SECRET, retries=0).get_split("m").canary_percent == 0.0  # unverified
+    with pytest.raises(ValueError, match="signed answers need the shared secret"):
+        WebhookRouter(traffic.url, None, verify_answers=True)
 
 
 @pytest.fixture

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from sqlalchemy.engine import Engine
 
+from mlcanary.redact import redact, register
 from mlcanary.routers.base import Router
 from mlcanary.routers.warehouse import WarehouseRouter
 from mlcanary.routers.webhook import WebhookRouter
@@ -37,7 +39,7 @@ class WarehouseHook(BaseHook):
         self.conn_id = conn_id
 
     def get_url(self) -> str:
-        conn = self.get_connection(self.conn_id)
+        conn = _hide(self.get_connection(self.conn_id))
         url = conn.extra_dejson.get("sqlalchemy_url")
         if url:
             return str(url)
@@ -57,7 +59,7 @@ def metric_source(spec: RolloutSpec) -> MetricSource:
     engine = WarehouseHook(spec.warehouse.conn_id).get_engine()
     if spec.guardrails.source.kind != "prometheus":
         return source_for(spec, engine)
-    conn = BaseHook.get_connection(spec.guardrails.source.prometheus_conn_id)
+    conn = _connection(spec.guardrails.source.prometheus_conn_id)
     auth = (conn.login, conn.password or "") if conn.login else None
     return source_for(spec, engine, _url(conn), auth, dict(conn.extra_dejson.get("headers") or {}))
 
@@ -81,8 +83,15 @@ def router_for(spec: RolloutSpec) -> Router:
     if r.kind == "warehouse":
         return WarehouseRouter(WarehouseHook(conn_id).get_engine())
     if r.kind == "webhook":
-        conn = BaseHook.get_connection(conn_id)
-        return WebhookRouter(_url(conn), conn.password or None, r.timeout.total_seconds(), r.retries)
+        conn = _connection(conn_id)
+        url = _url(conn)
+        if urlsplit(url).scheme != "https" and not conn.extra_dejson.get("allow_http"):
+            raise ValueError(
+                f"connection {conn_id!r}: the webhook router sends traffic changes to {redact(url)} without TLS; "
+                'use https, or set the extra "allow_http": true (a private network, a test)'
+            )
+        signed = bool(conn.extra_dejson.get("signed_answers"))
+        return WebhookRouter(url, conn.password or None, r.timeout.total_seconds(), r.retries, signed)
     if r.kind == "sagemaker":
         from mlcanary.routers.sagemaker import SageMakerRouter
 
@@ -100,6 +109,34 @@ def router_for(spec: RolloutSpec) -> Router:
     )
 
 
+_SECRET_EXTRAS = ("token", "password", "secret", "api_key", "aws_session_token", "aws_secret_access_key")
+
+
+def _hide(conn: Any) -> Any:
+    """Register the connection's secrets with Airflow's log masker and with :mod:`mlcanary.redact`
+    (audit rows, notes, messages): the password, token-like extras, header values, and the password
+    and token parameters of its URLs."""
+    from airflow.sdk.log import mask_secret
+
+    extra = conn.extra_dejson
+    found = [conn.password]
+    found += [extra.get(k) for k in _SECRET_EXTRAS]
+    found += [str(v) for v in dict(extra.get("headers") or {}).values()]
+    for url in (extra.get("url"), extra.get("tracking_uri"), extra.get("sqlalchemy_url"), conn.host):
+        if url:
+            parsed = urlsplit(str(url))
+            found += [parsed.password]
+            found += [v for k, v in parse_qsl(parsed.query) if redact(f"?{k}=x") != f"?{k}=x"]
+    for secret in (s for s in found if s):
+        mask_secret(str(secret))
+        register(secret)
+    return conn
+
+
+def _connection(conn_id: str) -> Any:
+    return _hide(BaseHook.get_connection(conn_id))
+
+
 def _url(conn: Any) -> str:
     url = conn.extra_dejson.get("url")
     if url:
@@ -115,7 +152,7 @@ def _aws_client(conn_id: str, service: str, timeout: float) -> Any:
     from botocore.config import Config
 
     try:
-        conn = BaseHook.get_connection(conn_id)
+        conn = _connection(conn_id)
     except AirflowNotFoundException:
         log.info("no connection %r: boto3's own credential chain is used", conn_id)
         session, extra = boto3.session.Session(), {}
@@ -134,7 +171,7 @@ def _aws_client(conn_id: str, service: str, timeout: float) -> Any:
 def _kubernetes_api(conn_id: str, timeout: float) -> Any:
     from kubernetes import client, config
 
-    conn = BaseHook.get_connection(conn_id)
+    conn = _connection(conn_id)
     extra = conn.extra_dejson
     if extra.get("in_cluster"):
         config.load_incluster_config()
@@ -160,7 +197,7 @@ def mlflow_client(conn_id: str) -> Any:
 
     from mlflow import MlflowClient
 
-    conn = BaseHook.get_connection(conn_id)
+    conn = _connection(conn_id)
     extra = conn.extra_dejson
     uri = extra.get("tracking_uri") or _url(conn)
     if conn.login:

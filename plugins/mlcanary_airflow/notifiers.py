@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -10,7 +11,9 @@ from airflow.sdk import Context
 from airflow.sdk.bases.notifier import BaseNotifier
 
 from mlcanary.escape import slack_text
+from mlcanary.redact import redact
 from mlcanary.spec import NotifyEvent, RolloutSpec
+from mlcanary_airflow.hooks import _connection
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,11 @@ def alert(spec: RolloutSpec, context: Context, status: str, problem: str, rollou
 def send(spec: RolloutSpec, subject: str, text: str, context: Context, what: str) -> None:
     """``text`` to every channel of the spec; a channel that fails is logged, never raised."""
     n = spec.notifications
+    for conn_id in (n.slack.conn_id if n.slack else None, n.email.conn_id if n.email else None):
+        if conn_id:  # its secrets masked in the logs, should the provider's error quote them
+            with contextlib.suppress(Exception):
+                _connection(conn_id)
+    subject, text = redact(subject), redact(text)
     if n.slack is not None:
         slack = n.slack.conn_id
         _guarded("Slack", what, lambda: _slack(slack, text, context))

@@ -10,8 +10,11 @@ Protocol (the README's *Routers* section):
   may start from the baseline serving alone), so a service that drops ``rollout_id`` stops every
   rollout after its first step.
 - Every request carries ``X-Mlcanary-Timestamp`` (Unix seconds) and ``X-Mlcanary-Signature:
-  sha256=<hex>``, the HMAC-SHA256 of ``"<timestamp>.<body>"`` under the shared secret (the body is
-  empty for GET), so the service can reject forged or replayed requests.
+  sha256=<hex>``, the HMAC-SHA256 of ``"<timestamp>.<body>"`` under the shared secret (for a GET,
+  of ``"<timestamp>.<query string>"`` as sent), so the service can reject forged or replayed requests.
+- With ``verify_answers`` (the connection's extra ``signed_answers: true``) every answer must carry
+  the same two headers over its own body, no more than 5 minutes old: the read-back that confirms a
+  step is then as authenticated as the step.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from mlcanary.redact import redact
 from mlcanary.routers.base import Split, TrafficShiftError, with_retries
 
 
@@ -31,6 +35,9 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
     """``sha256=`` + hex HMAC-SHA256 of ``timestamp.body``: what the service recomputes to verify."""
     mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
     return f"sha256={mac.hexdigest()}"
+
+
+ANSWER_MAX_AGE_S = 300
 
 
 class _Retryable(Exception):
@@ -42,8 +49,14 @@ def _transient(exc: BaseException) -> bool:
 
 
 class WebhookRouter:
-    def __init__(self, url: str, secret: str | None, timeout: float = 10.0, retries: int = 3) -> None:
+    def __init__(
+        self, url: str, secret: str | None, timeout: float = 10.0, retries: int = 3, verify_answers: bool = False
+    ) -> None:
+        if verify_answers and not secret:
+            raise ValueError("signed answers need the shared secret (the connection's password)")
+        self.verify_answers = verify_answers
         self.url = url
+        self.shown = redact(url)  # for messages: never a credential in a reason, a note or a log
         self.secret = secret
         self.timeout = timeout
         self.retries = retries
@@ -58,30 +71,46 @@ class WebhookRouter:
             }
         return headers
 
+    def _check_answer(self, response: httpx.Response) -> None:
+        """The answer's signature, when the service signs its answers: a forged read-back is an error."""
+        if not self.verify_answers or not self.secret:
+            return
+        timestamp = response.headers.get("X-Mlcanary-Timestamp", "")
+        expected = signature(self.secret, timestamp, response.content)
+        fresh = timestamp.isdigit() and abs(time.time() - int(timestamp)) <= ANSWER_MAX_AGE_S
+        if not (fresh and hmac.compare_digest(response.headers.get("X-Mlcanary-Signature", ""), expected)):
+            raise TrafficShiftError(
+                f"{response.request.method} {self.shown}: the answer (HTTP {response.status_code}) carries no valid "
+                "signature, or an old one: not trusted"
+            )
+
     def _send(
         self, method: str, body: bytes = b"", params: dict[str, str] | None = None, **extra: str
     ) -> httpx.Response:
+        target = httpx.URL(self.url).copy_merge_params(params or {})
+        signed = body if method != "GET" else target.query  # a GET's query string, exactly as sent
+
         def attempt() -> httpx.Response:
             response = httpx.request(
                 method,
-                self.url,
+                target,
                 content=body or None,
-                params=params,
-                headers=self._headers(body) | extra,
+                headers=self._headers(signed) | extra,
                 timeout=self.timeout,
             )
             if response.status_code >= 500 or response.status_code == 429:
                 raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}")
+            self._check_answer(response)
             return response
 
-        return with_retries(attempt, self.retries, _transient, f"{method} {self.url}")
+        return with_retries(attempt, self.retries, _transient, f"{method} {self.shown}")
 
     def get_split(self, model: str) -> Split | None:
         response = self._send("GET", params={"model": model})
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise TrafficShiftError(f"GET {self.url} answered HTTP {response.status_code}: {response.text[:200]}")
+            raise TrafficShiftError(f"GET {self.shown} answered HTTP {response.status_code}: {response.text[:200]}")
         try:
             data: dict[str, Any] = response.json()
             return Split(
@@ -92,7 +121,7 @@ class WebhookRouter:
                 data.get("rollout_id") or None,
             )
         except (ValueError, KeyError, TypeError) as exc:
-            raise TrafficShiftError(f"GET {self.url} returned no split: {response.text[:200]!r} ({exc})") from None
+            raise TrafficShiftError(f"GET {self.shown} returned no split: {response.text[:200]!r} ({exc})") from None
 
     def set_split(self, split: Split, rollout_id: str | None) -> None:
         payload = {
@@ -106,4 +135,4 @@ class WebhookRouter:
         key = hashlib.sha256(body).hexdigest()
         response = self._send("POST", body, **{"Idempotency-Key": key})
         if not response.is_success:
-            raise TrafficShiftError(f"POST {self.url} answered HTTP {response.status_code}: {response.text[:200]}")
+            raise TrafficShiftError(f"POST {self.shown} answered HTTP {response.status_code}: {response.text[:200]}")

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from mlcanary.redact import redact
 from mlcanary.sources.base import ArmHealth, MetricSourceError
 from mlcanary.spec import PrometheusQueries
 
@@ -59,7 +60,9 @@ class PrometheusMetrics:
                 headers=self.headers,
             )
         except httpx.HTTPError as exc:
-            raise MetricSourceError(f"Prometheus at {self.url} unreachable: {type(exc).__name__}: {exc}") from exc
+            raise MetricSourceError(
+                f"Prometheus at {redact(self.url)} unreachable: {type(exc).__name__}: {redact(str(exc))}"
+            ) from exc
         try:
             body = response.json()
         except ValueError:

@@ -11,6 +11,19 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.schema import CreateIndex
 
+from mlcanary.redact import redact
+
+
+class RedactedText(sa.TypeDecorator[str]):
+    """Text with every secret masked on its way in (:func:`mlcanary.redact.redact`): reasons, notes."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> str | None:
+        return None if value is None else redact(value)
+
+
 metadata = sa.MetaData()
 
 SEGMENT_COLUMNS = ("user_cohort", "device", "region", "city", "trip_type", "time_of_day")
@@ -65,7 +78,7 @@ rollouts = sa.Table(
     sa.Column("canary_percent", sa.Double, nullable=False, default=0.0),
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("ended_at", sa.DateTime),
-    sa.Column("reason", sa.Text),
+    sa.Column("reason", RedactedText),
     sa.Column("spec", sa.Text),  # the spec the rollout started with, as JSON: it runs on it to the end
     # The per-model lock: set while the rollout is active, NULL afterwards. UNIQUE admits many NULLs.
     sa.Column("active_model", sa.String(128), unique=True),
@@ -93,7 +106,7 @@ traffic_history = sa.Table(
     sa.Column("from_percent", sa.Double),
     sa.Column("to_percent", sa.Double),  # NULL: the platform could not be read after a failed step
     sa.Column("applied", sa.Boolean, nullable=False),  # False: dry run or no change needed
-    sa.Column("note", sa.Text),
+    sa.Column("note", RedactedText),
     sa.Column("applied_at", sa.DateTime, nullable=False),
 )
 
@@ -119,7 +132,7 @@ measurements = sa.Table(
     sa.Column("ci_low", sa.Double),
     sa.Column("ci_high", sa.Double),
     sa.Column("verdict", sa.String(16), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("reason", RedactedText, nullable=False),
     sa.Column("measured_at", sa.DateTime, nullable=False),
 )
 
@@ -132,7 +145,7 @@ decisions = sa.Table(
     sa.Column("stage", sa.Integer),
     sa.Column("action", sa.String(20), nullable=False),  # start | advance | confirm | extend | ask | rollback | ...
     sa.Column("verdict", sa.String(16)),
-    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("reason", RedactedText, nullable=False),
     sa.Column("decided_at", sa.DateTime, nullable=False),
     # Makes a decision idempotent: a retried task that decides the same thing again records nothing new.
     sa.Column("decision_key", sa.String(80)),
@@ -147,7 +160,7 @@ progress = sa.Table(
     metadata,
     sa.Column("rollout_id", sa.String(250), primary_key=True),
     sa.Column("wait", sa.String(250), primary_key=True),
-    sa.Column("state", sa.Text, nullable=False),  # JSON
+    sa.Column("state", RedactedText, nullable=False),  # JSON
     sa.Column("updated_at", sa.DateTime, nullable=False),
 )
 
@@ -162,7 +175,7 @@ registry = sa.Table(
     sa.Column("registered_at", sa.DateTime, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
     sa.Column("rollout_id", sa.String(250)),
-    sa.Column("note", sa.Text),
+    sa.Column("note", RedactedText),
 )
 
 
