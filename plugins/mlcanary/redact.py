@@ -16,7 +16,7 @@ _PATTERNS = [
     (
         re.compile(
             r"(?P<keep>[?&;](?:[a-z0-9_.-]*(?:token|secret|password|passwd|pwd|api[_-]?key|apikey|signature|sig"
-            r"|credential|auth)[a-z0-9_.-]*|key|code)=)[^&\s'\"#]+",
+            r"|credential|auth)[a-z0-9_.-]*|key|code)=)[^&;\s'\"#]+",
             re.I,
         ),
         r"\g<keep>" + MASK,

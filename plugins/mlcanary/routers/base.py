@@ -8,6 +8,8 @@ from typing import Protocol, TypeVar
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from mlcanary.redact import redact
+
 
 class TrafficShiftError(RuntimeError):
     """The split could not be applied, or did not read back as requested."""
@@ -75,4 +77,4 @@ def with_retries(call: Callable[[], T], retries: int, transient: Callable[[BaseE
     except Exception as exc:
         attempts = retrying.statistics.get("attempt_number", 1)
         tried = f"after {attempts} attempts" if attempts > 1 else "(not retried: not a transient error)"
-        raise TrafficShiftError(f"{what} failed {tried}: {type(exc).__name__}: {exc}") from exc
+        raise TrafficShiftError(redact(f"{what} failed {tried}: {type(exc).__name__}: {exc}")) from exc

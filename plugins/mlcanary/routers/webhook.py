@@ -40,6 +40,11 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
 ANSWER_MAX_AGE_S = 300
 
 
+def _said(response: httpx.Response) -> str:
+    """``HTTP <status>: <the answer's start>``, with anything like a credential masked (a service may echo the URL)."""
+    return redact(f"HTTP {response.status_code}: {response.text[:200]!r}")
+
+
 class _Retryable(Exception):
     """A 5xx or 429 answer: worth another attempt."""
 
@@ -99,7 +104,7 @@ class WebhookRouter:
                 timeout=self.timeout,
             )
             if response.status_code >= 500 or response.status_code == 429:
-                raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}")
+                raise _Retryable(_said(response))
             self._check_answer(response)
             return response
 
@@ -110,7 +115,7 @@ class WebhookRouter:
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise TrafficShiftError(f"GET {self.shown} answered HTTP {response.status_code}: {response.text[:200]}")
+            raise TrafficShiftError(f"GET {self.shown} answered {_said(response)}")
         try:
             data: dict[str, Any] = response.json()
             return Split(
@@ -121,7 +126,7 @@ class WebhookRouter:
                 data.get("rollout_id") or None,
             )
         except (ValueError, KeyError, TypeError) as exc:
-            raise TrafficShiftError(f"GET {self.shown} returned no split: {response.text[:200]!r} ({exc})") from None
+            raise TrafficShiftError(f"GET {self.shown} returned no split: {_said(response)} ({exc})") from None
 
     def set_split(self, split: Split, rollout_id: str | None) -> None:
         payload = {
@@ -135,4 +140,4 @@ class WebhookRouter:
         key = hashlib.sha256(body).hexdigest()
         response = self._send("POST", body, **{"Idempotency-Key": key})
         if not response.is_success:
-            raise TrafficShiftError(f"POST {self.shown} answered HTTP {response.status_code}: {response.text[:200]}")
+            raise TrafficShiftError(f"POST {self.shown} answered {_said(response)}")
