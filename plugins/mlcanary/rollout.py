@@ -29,7 +29,8 @@ from sqlalchemy.exc import IntegrityError
 from tenacity import Retrying, stop_after_delay, wait_exponential
 
 from mlcanary import registry
-from mlcanary.audit import record_decision
+from mlcanary.analysis import AnalysisResult, AnalysisWindow, analyze
+from mlcanary.audit import record_checks, record_decision
 from mlcanary.lifecycle import (
     Action,
     FinalState,
@@ -117,6 +118,26 @@ class Rollout(RolloutRef):
             holds_lock=row.active_model == row.model,
             spec=json.loads(row.spec) if row.spec else None,
         )
+
+
+def look(engine: Engine, spec: RolloutSpec, ref: RolloutRef, stage: int) -> AnalysisResult:
+    """One analysis look at the rollout's label-complete rows so far (never before its start), with
+    its checks recorded: the stage's gate look and the trigger's background looks alike."""
+    with engine.connect() as conn:
+        found = get_rollout(conn, ref.rollout_id)
+        window = AnalysisWindow.ending_at(spec, utcnow(), not_before=found.started_at if found else None)
+        result = analyze(conn, spec, ref.baseline_version, ref.canary_version, window)
+    with engine.begin() as conn:
+        record_checks(
+            conn,
+            result.checks,
+            model=spec.model,
+            rollout_id=ref.rollout_id,
+            stage=stage,
+            baseline_version=ref.baseline_version,
+            canary_version=ref.canary_version,
+        )
+    return result
 
 
 def get_rollout(conn: Connection, rollout_id: str) -> Rollout | None:

@@ -23,8 +23,7 @@ from sqlalchemy.engine import Engine
 
 from mlcanary import progress, registry
 from mlcanary import rollout as steps
-from mlcanary.analysis import AnalysisWindow, analyze
-from mlcanary.audit import last_decision, record_checks, record_decision
+from mlcanary.audit import last_decision, record_decision
 from mlcanary.lifecycle import Action, Next, Status, Step, after_guardrails, after_look, describe, refusal
 from mlcanary.mlflow_alias import promote_alias
 from mlcanary.preflight import check_warehouse
@@ -32,7 +31,6 @@ from mlcanary.report import format_report, rollout_report
 from mlcanary.routers.base import Router
 from mlcanary.spec import RolloutSpec, show_duration
 from mlcanary.verdict import Verdict
-from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import create_schema
 from mlcanary_airflow import snapshots
 from mlcanary_airflow.hooks import WarehouseHook, mlflow_client, router_for
@@ -327,19 +325,7 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         first_look: float = state.get("first_look") or time.time()
         fails: int = state["fails"] if "fails" in state else self._background_fails(context)
         look: int = state.get("look", 0) + 1
-        with self.engine.connect() as conn:
-            window = AnalysisWindow.ending_at(self.spec, utcnow(), not_before=rollout.started_at)
-            result = analyze(conn, self.spec, rollout.baseline_version, rollout.canary_version, window)
-        with self.engine.begin() as conn:
-            record_checks(
-                conn,
-                result.checks,
-                model=self.spec.model,
-                rollout_id=rollout.rollout_id,
-                stage=self.stage,
-                baseline_version=rollout.baseline_version,
-                canary_version=rollout.canary_version,
-            )
+        result = steps.look(self.engine, self.spec, rollout.ref, self.stage)
         self.log.info("stage %d analysis: %s: %s", self.stage, result.verdict.value, result.reason)
         for flag in result.flags:
             self.log.warning("stage %d: %s", self.stage, flag)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from mlcanary import progress
 from mlcanary import rollout as steps
-from mlcanary.analysis import AnalysisResult, AnalysisWindow, analyze
+from mlcanary.analysis import AnalysisResult
 from mlcanary.audit import record_checks, record_decision
 from mlcanary.guardrails import GuardrailResult, evaluate_guardrails
 from mlcanary.lifecycle import after_guardrails
@@ -185,9 +185,8 @@ class _GuardrailPolls(BaseTrigger):
         records it could not write go on to the report."""
         why = ended.reason + (f" (while waiting for {self.waiting_for})" if self.waiting_for else "")
         reason = after_guardrails(ended.end.value, why, self.stage).reason
-        ref = steps.RolloutRef(self.rollout_id, spec.model, self.baseline_version, self.canary_version, self.dry_run)
         try:
-            done = steps.rollback(self._engine(spec), router_for(spec), ref, reason)
+            done = steps.rollback(self._engine(spec), router_for(spec), self._ref(spec), reason)
         except Exception as exc:  # refused, or the router failed: the task rolls back (with retries)
             self.log.error("guardrails stage %d: rollback from the triggerer failed: %s", self.stage, exc)
             return {"reason": reason, "error": f"{type(exc).__name__}: {exc}"}
@@ -216,22 +215,10 @@ class _GuardrailPolls(BaseTrigger):
 
     def _look(self, spec: RolloutSpec) -> AnalysisResult:
         """One background analysis look at the label-complete rows so far, recorded like the gate's."""
-        engine = self._engine(spec)
-        with engine.connect() as conn:
-            rollout = steps.get_rollout(conn, self.rollout_id)
-            window = AnalysisWindow.ending_at(spec, utcnow(), not_before=rollout.started_at if rollout else None)
-            result = analyze(conn, spec, self.baseline_version, self.canary_version, window)
-        with engine.begin() as conn:
-            record_checks(
-                conn,
-                result.checks,
-                model=spec.model,
-                rollout_id=self.rollout_id,
-                stage=self.stage,
-                baseline_version=self.baseline_version,
-                canary_version=self.canary_version,
-            )
-        return result
+        return steps.look(self._engine(spec), spec, self._ref(spec), self.stage)
+
+    def _ref(self, spec: RolloutSpec) -> steps.RolloutRef:
+        return steps.RolloutRef(self.rollout_id, spec.model, self.baseline_version, self.canary_version, self.dry_run)
 
     def _record_confirm(self, spec: RolloutSpec, state: WatchState, reason: str) -> None:
         """A failing look that does not end the stage yet, in the decision log (once per look)."""
