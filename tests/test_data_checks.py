@@ -109,7 +109,7 @@ def _look(engine: sa.Engine, spec: RolloutSpec, end: object) -> tuple[Verdict, l
 def test_labels_coded_0_2_are_invalid_not_a_certain_verdict(any_engine: sa.Engine, write_batch: Writer) -> None:
     """0/2 labels gave a zero-width interval and a certain verdict at n=400."""
     spec = _spec({"name": "ctr", "tolerance": 0.1}, {"name": "auc", "kind": "auc", "tolerance": 0.05})
-    end = write_batch(any_engine, minutes=10, rate=50)
+    end = write_batch(any_engine, minutes=3, rate=40)
     with any_engine.begin() as conn:
         p = predictions.c
         bad = conn.execute(sa.update(predictions).where(p.model_version == "v2", p.label == 1).values(label=2)).rowcount
@@ -122,7 +122,7 @@ def test_labels_coded_0_2_are_invalid_not_a_certain_verdict(any_engine: sa.Engin
 
 def test_a_mean_of_a_continuous_label_is_not_a_broken_label(any_engine: sa.Engine, write_batch: Writer) -> None:
     spec = _spec({"name": "mae", "kind": "mean", "value": "abs_error", "higher_is_better": False, "tolerance": 0.5})
-    end = write_batch(any_engine, minutes=10, rate=50)
+    end = write_batch(any_engine, minutes=3, rate=40)
     with any_engine.begin() as conn:
         conn.execute(sa.update(predictions).where(predictions.c.label == 1).values(label=7.5))
     verdict, reasons = _look(any_engine, spec, end)
@@ -141,8 +141,8 @@ def test_one_nan_or_infinite_value_is_invalid_not_a_crash(
         {"name": "auc", "kind": "auc", "tolerance": 0.05},
         {"name": "ece", "kind": "ece", "tolerance": 0.05},
     )
-    end = write_batch(any_engine, minutes=10, rate=50)
-    assert _corrupt(any_engine, predictions, "v1", limit=1, before=end - timedelta(minutes=2), **{column: bad}) == 1
+    end = write_batch(any_engine, minutes=3, rate=40)
+    assert _corrupt(any_engine, predictions, "v1", limit=1, before=end - timedelta(minutes=1), **{column: bad}) == 1
     verdict, reasons = _look(any_engine, spec, end)
     if math.isnan(bad) and any_engine.dialect.name == "sqlite":  # stored as NULL: an unlabelled (or unscored) row
         assert reasons == [] and verdict is not Verdict.INVALID

@@ -84,6 +84,8 @@ SPECS = {
         "f_kill",
         router={"kind": "webhook", "conn_id": "fault_router", "retries": 0, "timeout": "60s"},
         stages=[{"percent": 20, "bake": BAKE}, {"percent": 50, "bake": BAKE}],
+        # no background look within the 12 s bake: the stage's gate look is the one that decides FAIL
+        analysis={**QUICK_ANALYSIS, "interval": "30s"},
     ),
     "f_edit": _spec("f_edit", stages=[{"percent": 20, "bake": "20s"}, {"percent": 50, "bake": BAKE}]),
 }

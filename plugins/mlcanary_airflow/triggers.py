@@ -54,9 +54,10 @@ class _GuardrailPolls(BaseTrigger):
     measurements table with the watch's counters (:mod:`mlcanary.progress`), so a restarted
     trigger goes on from them. The window of a poll starts no earlier than the stage's shift.
 
-    The slow tier looks alongside (``looks_in_background``): every ``analysis.interval`` of the
-    stage an analysis look runs in a thread of its own, never holding up a poll, and
-    ``consecutive_fails`` failing looks in a row end the watch (``analysis_fail``) and roll back."""
+    The slow tier looks alongside during a bake (``looks_in_background``): every
+    ``analysis.interval`` of the stage an analysis look runs in a thread of its own, never holding
+    up a poll, and ``consecutive_fails`` failing looks in a row end the watch (``analysis_fail``)
+    and roll back."""
 
     wait_prefix = "guardrails"
     looks_in_background = True
@@ -421,6 +422,9 @@ class GuardedHITLTrigger(_GuardrailPolls):
     """
 
     wait_prefix = "ask"
+    # The question comes after the stage's gate look (or the final one); the guardrails keep watching
+    # while a person thinks, and the triggerer's threads stay free for the polls.
+    looks_in_background = False
 
     def max_polls(self, spec: RolloutSpec) -> int:
         """The question's timeout in polls (a day without one), counted when the watch starts."""
@@ -467,8 +471,6 @@ class GuardedHITLTrigger(_GuardrailPolls):
                 return
             if CLOCK.monotonic() >= next_poll:
                 state, ended, wait, _ = await self._poll(spec, state, float("inf"))
-                state, looked = await self._looking(spec, state)
-                ended = ended or looked
                 if ended is not None:
                     done = await self._end_badly(spec, ended)  # traffic first, then the question
                     closed = await asyncio.to_thread(self._close)
