@@ -94,9 +94,7 @@ def test_cpu_as_a_percentage_is_invalid(any_engine: sa.Engine, write_batch: Writ
     verdict, reasons = _poll(any_engine, spec, end + timedelta(seconds=1))
     assert verdict is Verdict.INVALID
     assert len(reasons) == 1 and reasons[0].startswith("data check: resource_metrics.cpu_util of v2: ")
-    assert reasons[0].endswith(
-        "samples outside 0-1, NaN or infinite (a percentage, not a fraction?)".replace("samples", "rows")
-    )
+    assert reasons[0].endswith("rows outside 0-1, NaN or infinite (a percentage, not a fraction?)")
 
 
 def _look(engine: sa.Engine, spec: RolloutSpec, end: object) -> tuple[Verdict, list[str]]:
