@@ -33,6 +33,12 @@ COMPONENTS = {
     "triggerer": ["triggerer"],
 }
 
+# What a component's log ends with when Airflow 3.3 crashed on a DAG deleted under it (see _check_alive).
+KNOWN_CRASHES = {
+    "scheduler": "ObjectDeletedError",
+    "dag-processor": "UPDATE statement on table 'dag' expected to update",  # StaleDataError
+}
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -72,7 +78,7 @@ class AirflowStack:
             **extra_env,
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.restarts = 0  # scheduler restarts after Airflow's deleted-run crash (see _check_alive)
+        self.restarts = dict.fromkeys(KNOWN_CRASHES, 0)  # restarts after Airflow's deleted-DAG crashes
         self.client: httpx.Client | None = None
 
     # --- life --------------------------------------------------------------------------------
@@ -115,12 +121,14 @@ class AirflowStack:
         for name, proc in list(self.procs.items()):
             if proc.poll() is not None:
                 tail = (self.home / f"{name}.log").read_text(errors="replace")[-3000:]
-                if name == "scheduler" and "ObjectDeletedError" in tail and self.restarts < 2:
-                    # Airflow 3.3's scheduler dies when a run it is scheduling is deleted (the DAG
-                    # deleted through the REST API, as the watchdog test does); its supervisor
-                    # restarts it in a deployment, and so does this stack (twice at most).
-                    print(f"\nairflow scheduler died on a deleted run (exit {proc.returncode}): restarted")
-                    self.restarts += 1
+                crash = KNOWN_CRASHES.get(name)
+                if crash is not None and crash in tail and self.restarts[name] < 2:
+                    # Airflow 3.3 races with a DAG deleted through the REST API (the watchdog test does):
+                    # the scheduler dies on the deleted run it is scheduling, the DAG processor on the
+                    # deleted DAG row it is updating. A supervisor restarts them in a deployment, and so
+                    # does this stack (twice each at most).
+                    print(f"\nairflow {name} died on a deleted DAG ({crash}, exit {proc.returncode}): restarted")
+                    self.restarts[name] += 1
                     self._launch(name)
                     continue
                 raise RuntimeError(f"airflow {name} exited with {proc.returncode}:\n{tail}")

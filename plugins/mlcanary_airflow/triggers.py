@@ -15,6 +15,7 @@ from airflow.providers.standard.triggers.hitl import HITLTrigger
 from airflow.sdk.execution_time.hitl import update_hitl_detail_response
 from airflow.sdk.timezone import utcnow as hitl_utcnow
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+from asgiref.sync import sync_to_async
 from sqlalchemy.engine import Engine
 
 from mlcanary import progress
@@ -83,6 +84,7 @@ class _GuardrailPolls(BaseTrigger):
         self.dry_run = dry_run
         self.waiting_for = waiting_for  # what the stage waits for, for the reason of a rollback
         self._source: MetricSource | None = None  # built at the first poll, in its thread
+        self._warehouse: Engine | None = None
         self._look_task: asyncio.Future[AnalysisResult] | None = None
         self._next_look = math.inf  # monotonic
 
@@ -103,7 +105,12 @@ class _GuardrailPolls(BaseTrigger):
         return f"{self.wait_prefix}:stage_{self.stage}"
 
     def _engine(self, spec: RolloutSpec) -> Engine:
-        return WarehouseHook(spec.warehouse.conn_id).get_engine()
+        """The warehouse's engine, looked up once per trigger: the connection's lookup (and the
+        masking of its secrets) goes through the supervisor, which ``dag.test()``'s in-process
+        supervisor does not allow from two threads at once."""
+        if self._warehouse is None:
+            self._warehouse = WarehouseHook(spec.warehouse.conn_id).get_engine()
+        return self._warehouse
 
     def _measure(self, spec: RolloutSpec, source: MetricSource | None) -> tuple[MetricSource, GuardrailResult]:
         source = source or metric_source(spec)
@@ -444,36 +451,39 @@ class GuardedHITLTrigger(_GuardrailPolls):
         kwargs = self._kwargs() | {"hitl": self.question.serialize()[1], "reject": self.reject}
         return f"{type(self).__module__}.{type(self).__qualname__}", kwargs
 
-    def _close(self) -> Any:
-        """Answer the question with ``reject``; None when a person answered first (409)."""
+    async def _close(self) -> Any:
+        """Answer the question with ``reject``; None when a person answered first (409). In the
+        question's own thread (``sync_to_async``, as ``HITLTrigger`` does), after any check of its
+        answer still in flight."""
         try:
-            return update_hitl_detail_response(
+            return await sync_to_async(update_hitl_detail_response)(
                 ti_id=self.question.ti_id, chosen_options=[self.reject], params_input=self.question.params.dump()
             )
         except Exception as exc:
             self.log.warning("the question could not be closed (answered meanwhile?): %s", exc)
             return None
 
+    async def _answer(self) -> TriggerEvent:
+        """The question's own loop (``HITLTrigger.run``: an answer, or the defaults at the timeout)."""
+        async for event in self.question.run():
+            return event
+        raise RuntimeError("the question ended without an event")
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         spec = RolloutSpec.model_validate(self.spec)
         state = await self._start(spec)
         q = self.question
-        next_poll = CLOCK.monotonic()
-        while True:
-            if q.timeout_datetime and q.timeout_datetime < hitl_utcnow():
-                await self._best_effort(spec, self._clear, spec)
-                yield await q._handle_timeout()
-                return
-            answered = await q._handle_response()
-            if answered is not None:
-                await self._best_effort(spec, self._clear, spec)
-                yield answered
-                return
-            if CLOCK.monotonic() >= next_poll:
+        # The question is watched side by side with the polls, from the first poll on: its API round
+        # trips (seconds, the first one, on a loaded triggerer) never hold up a poll.
+        answer: asyncio.Future[TriggerEvent] | None = None
+        try:
+            while answer is None or not answer.done():
                 state, ended, wait, _ = await self._poll(spec, state, float("inf"))
                 if ended is not None:
+                    if answer is not None:
+                        answer.cancel()
                     done = await self._end_badly(spec, ended)  # traffic first, then the question
-                    closed = await asyncio.to_thread(self._close)
+                    closed = await self._close()
                     breach = {"status": ended.end.value, "reason": ended.reason}
                     if closed is None and (answered := await q._handle_response()) is not None:
                         # a person's answer came first: it goes on, with the breach and its rollback
@@ -491,5 +501,10 @@ class GuardedHITLTrigger(_GuardrailPolls):
                         }
                     )
                     return
-                next_poll = CLOCK.monotonic() + wait
-            await CLOCK.sleep(max(0.0, min(q.poke_interval, next_poll - CLOCK.monotonic())))
+                answer = answer or asyncio.ensure_future(self._answer())
+                await asyncio.wait({answer}, timeout=wait)
+            await self._best_effort(spec, self._clear, spec)
+            yield answer.result()
+        finally:
+            if answer is not None:
+                answer.cancel()
