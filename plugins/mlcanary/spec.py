@@ -7,12 +7,13 @@ A broken spec raises :class:`SpecError`, whose message names the file and the fi
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from string import Template
 from typing import Annotated, Any, Literal
 
 import yaml
+from croniter import croniter
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -475,6 +476,48 @@ class TaskRetries(_Model):
     delay: PositiveDuration = timedelta(seconds=5)  # before the first retry
 
 
+# Airflow's cron presets (airflow.sdk.definitions.timetables._cron.CRON_PRESETS); @once is not periodic
+CRON_PRESETS = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@quarterly": "0 0 1 */3 *",
+    "@yearly": "0 0 1 1 *",
+}
+
+
+def _date_as_midnight(value: Any) -> Any:
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return datetime(value.year, value.month, value.day)
+    return value
+
+
+def _as_utc(value: datetime) -> datetime:
+    """A naive time taken as UTC, an aware one converted to UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class PosthocSpec(_Model):
+    """The post-hoc DAG ``posthoc__<name>``: the slow analysis of each ``schedule`` interval since
+    ``since``, one run per interval (backfillable), for the versions the traffic history says served."""
+
+    schedule: str = "0 * * * *"  # cron, 5 fields, UTC (or a preset such as @hourly): a window between two ticks
+    # The DAG's start_date: an ISO date or time, naive ones in UTC. Backfills may reach back before it.
+    since: Annotated[datetime, BeforeValidator(_date_as_midnight), AfterValidator(_as_utc)]
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        expression = CRON_PRESETS.get(value.strip(), value.strip())
+        if len(expression.split()) != 5 or not croniter.is_valid(expression):
+            raise ValueError(
+                f"{value!r} is not a cron expression of 5 fields (minute hour day month weekday) "
+                f"or one of {', '.join(CRON_PRESETS)}"
+            )
+        return expression
+
+
 class RolloutSpec(_Model):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
     model: Annotated[str, Field(min_length=1, max_length=128)]
@@ -492,6 +535,7 @@ class RolloutSpec(_Model):
     notifications: NotificationsSpec = NotificationsSpec()
     registry: RegistrySpec = RegistrySpec()
     retries: TaskRetries = TaskRetries()
+    posthoc: PosthocSpec | None = None  # the post-hoc analysis DAG; none without this section
 
     @field_validator("stages")
     @classmethod
@@ -531,6 +575,10 @@ class RolloutSpec(_Model):
     @property
     def dag_id(self) -> str:
         return f"rollout__{self.name}"
+
+    @property
+    def posthoc_dag_id(self) -> str:
+        return f"posthoc__{self.name}"
 
     @property
     def router_conn_id(self) -> str:

@@ -1,4 +1,4 @@
-"""One rollout DAG per spec.
+"""One rollout DAG per spec, and a post-hoc analysis DAG for a spec with a ``posthoc`` section.
 
 ::
 
@@ -39,6 +39,7 @@ from mlcanary_airflow.operators import (
     RollbackOperator,
     ShiftTrafficOperator,
 )
+from mlcanary_airflow.posthoc_dag import build_posthoc_dag
 from mlcanary_airflow.sensors import GuardrailSensor
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ def build_dag(
         start_date=datetime(2026, 1, 1, tzinfo=UTC),
         catchup=False,
         max_active_runs=1,
+        # No backfill: a run shifts live traffic, so a run for a past date is refused (REST 400, CLI error).
+        allowed_run_types=["manual", "scheduled"] if spec.schedule else ["manual"],
         params=_params(spec),
         tags=["mlcanary", spec.model, *spec.tags],
         default_args={"owner": spec.owner},
@@ -179,6 +182,7 @@ def build_dags(spec_dir: str | Path) -> dict[str, DAG]:
 
     A spec whose rollout is running is built from the snapshot that rollout started with, whatever
     its YAML says now (edited, broken, renamed or deleted): the rollout ends on the spec it began.
+    A spec with a ``posthoc`` section also gets its post-hoc DAG, always from the YAML as it is now.
     """
     specs, errors = load_specs(spec_dir)
     for error in errors:
@@ -211,6 +215,13 @@ def build_dags(spec_dir: str | Path) -> dict[str, DAG]:
             dags[spec.dag_id] = build_dag(spec, source, snapshot_dir, built_from)
         except Exception as exc:  # one spec must never take the other rollouts' DAGs down
             _report(SpecError(source, [f"cannot build the DAG: {exc}"]))
+    for path, spec in specs:
+        if spec.posthoc is None or (wanted is not None and wanted != spec.posthoc_dag_id):
+            continue
+        try:
+            dags[spec.posthoc_dag_id] = build_posthoc_dag(spec, str(path))
+        except Exception as exc:  # nor the rollout DAGs, nor the other post-hoc ones
+            _report(SpecError(str(path), [f"posthoc: cannot build the DAG {spec.posthoc_dag_id}: {exc}"]))
     return dags
 
 

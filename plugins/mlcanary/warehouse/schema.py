@@ -179,13 +179,40 @@ registry = sa.Table(
 )
 
 
+# The post-hoc analysis of one past window (mlcanary.posthoc): one row per window and pair of versions
+# that served in it, replaced when the window is analysed again. The key's versions are never NULL:
+# canary_version '' means no canary served (status no_canary), baseline_version '' that the traffic
+# history knows of no version serving then (status no_history).
+posthoc_results = sa.Table(
+    "mlcanary_posthoc_results",
+    metadata,
+    sa.Column("spec_name", sa.String(63), primary_key=True),
+    sa.Column("window_start", sa.DateTime, primary_key=True),
+    sa.Column("window_end", sa.DateTime, primary_key=True),
+    sa.Column("baseline_version", _VERSION, primary_key=True),
+    sa.Column("canary_version", _VERSION, primary_key=True),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # analysed | no_canary | no_history
+    sa.Column("verdict", sa.String(16)),  # PASS | FAIL | INCONCLUSIVE | INVALID; NULL unless analysed
+    sa.Column("reason", RedactedText, nullable=False),
+    sa.Column("baseline_n", sa.BigInteger),  # labelled rows of each arm in the window (the overall check)
+    sa.Column("canary_n", sa.BigInteger),
+    sa.Column("checks", RedactedText),  # JSON: the analysis result (mlcanary.analysis.AnalysisResult.to_dict)
+    sa.Column("label_asof", sa.DateTime),  # labels observed by then count: window_end + analysis.label_delay
+    sa.Column("versions_from", sa.String(10), nullable=False),  # history | params
+    sa.Column("spec_hash", sa.String(64), nullable=False),  # of the spec's analysis settings (mlcanary.posthoc)
+    sa.Column("run_id", sa.String(250)),  # the Airflow run that computed it
+    sa.Column("computed_at", sa.DateTime, nullable=False),
+)
+
+
 def create_schema(engine: Engine, *, contract: bool = True) -> None:
     """Create the state and audit tables, and (``contract=True``) the default contract tables.
 
     Idempotent: existing tables are kept; columns and indexes that mlcanary's own tables gained
     since they were created are added (all of them nullable, so old rows stay valid).
     """
-    own = [rollouts, traffic_split, traffic_history, measurements, decisions, registry, progress]
+    own = [rollouts, traffic_split, traffic_history, measurements, decisions, registry, progress, posthoc_results]
     tables = own + ([predictions, resource_metrics] if contract else [])
     metadata.create_all(engine, tables=tables, checkfirst=True)
     _add_missing(engine, own)
