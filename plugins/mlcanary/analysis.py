@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from mlcanary.spec import AnalysisSpec, MetricSpec, RolloutSpec
 from mlcanary.stats.auc import auc_from_bins
@@ -102,6 +102,16 @@ class _Comparison:
     unit: str  # "relative" or "absolute"
 
 
+@dataclass(frozen=True)
+class Aggregates:
+    """What a look is computed from: the score's bin edges, each drift feature's histograms (baseline,
+    canary), and the sums per version, segment and score bin (:data:`queries.BIN_MEASURES`)."""
+
+    score_edges: list[float]
+    features: dict[str, tuple[np.ndarray, np.ndarray]]
+    segments: pd.DataFrame
+
+
 def analyze(
     conn: Connection,
     spec: RolloutSpec,
@@ -111,31 +121,14 @@ def analyze(
 ) -> AnalysisResult:
     """Run every metric of the spec, overall and per segment, and the drift checks."""
     a = spec.analysis
-    table = predictions_table(spec, extra=[*a.segments, *a.drift.features])
+    table = _table(spec)
     span = (window.start, window.end)
-    thresholds = {m.threshold for m in a.metrics if m.kind in ("precision", "recall")}
-    binned = {f: (table.col(f), a.drift.bins) for f in a.drift.features} | {_SCORE: (table.col("score"), a.score_bins)}
-    edges = queries.quantile_edges(conn, table, spec.model, baseline_version, *span, binned, a.edge_sample)
-    score_edges = sorted(set(edges.pop(_SCORE)) | thresholds)
-    # Input drift on each arm's most recent rows: PSI noise is about bins / sample size.
-    hist = (
-        queries.sample_histograms(
-            conn,
-            table,
-            spec.model,
-            [baseline_version, canary_version],
-            *span,
-            {f: (table.col(f), edges[f]) for f in a.drift.features},
-            a.edge_sample,
-        )
-        if a.drift.features
-        else {}
+    edges = queries.quantile_edges(
+        conn, table, spec.model, baseline_version, *span, _binned(spec, table), a.edge_sample
     )
-    features = {
-        f: (np.array(hist[(baseline_version, f)], dtype=float), np.array(hist[(canary_version, f)], dtype=float))
-        for f in a.drift.features
-    }
-    rows = queries.binned_aggregates(
+    score_edges = _score_edges(spec, edges)
+    features = _histograms(conn, spec, baseline_version, canary_version, window, edges)
+    segments = queries.binned_frame(
         conn,
         table,
         spec.model,
@@ -145,13 +138,71 @@ def analyze(
         window.label_asof,
         a.segments,
         score_edges,
-        sorted({m for metric in a.metrics for m in (*_needs(metric), *_checks_of(metric))}),
+        _measures(spec),
         sample_rows=a.edge_sample,
         max_values=a.max_segment_values,
     )
-    folded = sorted({r["column"] for r in rows if r["value"] == queries.OTHER})
-    segments = pd.DataFrame(rows, columns=["version", "column", "value", "bin", *queries.BIN_MEASURES])
-    broken = _data_checks(spec, table, segments, {baseline_version: "baseline", canary_version: "canary"}, window)
+    return evaluate(spec, baseline_version, canary_version, window, Aggregates(score_edges, features, segments))
+
+
+def _table(spec: RolloutSpec) -> queries.MappedTable:
+    return predictions_table(spec, extra=[*spec.analysis.segments, *spec.analysis.drift.features])
+
+
+def _binned(spec: RolloutSpec, table: queries.MappedTable) -> dict[str, tuple[Any, int]]:
+    """The values whose bin edges are baseline quantiles: the drift features and the score."""
+    a = spec.analysis
+    return {f: (table.col(f), a.drift.bins) for f in a.drift.features} | {_SCORE: (table.col("score"), a.score_bins)}
+
+
+def _score_edges(spec: RolloutSpec, edges: dict[str, list[float]]) -> list[float]:
+    """The score's quantile edges (taken out of ``edges``) with every precision/recall threshold added."""
+    thresholds = {m.threshold for m in spec.analysis.metrics if m.kind in ("precision", "recall")}
+    return sorted(set(edges.pop(_SCORE)) | thresholds)
+
+
+def _measures(spec: RolloutSpec) -> list[str]:
+    return sorted({m for metric in spec.analysis.metrics for m in (*_needs(metric), *_checks_of(metric))})
+
+
+def _histograms(
+    conn: Connection,
+    spec: RolloutSpec,
+    baseline_version: str,
+    canary_version: str,
+    window: AnalysisWindow,
+    edges: dict[str, list[float]],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Input drift on each arm's most recent rows: PSI noise is about bins / sample size."""
+    a = spec.analysis
+    if not a.drift.features:
+        return {}
+    table = _table(spec)
+    hist = queries.sample_histograms(
+        conn,
+        table,
+        spec.model,
+        [baseline_version, canary_version],
+        window.start,
+        window.end,
+        {f: (table.col(f), edges[f]) for f in a.drift.features},
+        a.edge_sample,
+    )
+    return {
+        f: (np.array(hist[(baseline_version, f)], dtype=float), np.array(hist[(canary_version, f)], dtype=float))
+        for f in a.drift.features
+    }
+
+
+def evaluate(
+    spec: RolloutSpec, baseline_version: str, canary_version: str, window: AnalysisWindow, agg: Aggregates
+) -> AnalysisResult:
+    """The verdict of one look from its aggregates: the data checks, every metric per segment, drift."""
+    a = spec.analysis
+    score_edges, segments = agg.score_edges, agg.segments
+    folded = sorted(set(segments.loc[segments.value == queries.OTHER, "column"]))
+    arms_of = {baseline_version: "baseline", canary_version: "canary"}
+    broken = _data_checks(spec, _table(spec), segments, arms_of, window)
     if broken:  # sums of broken data mean nothing, and NaN ones crash the statistics: no comparison at all
         return AnalysisResult(Verdict.INVALID, broken[0].reason, baseline_version, canary_version, window, broken, [])
     arms = _arms(segments, len(score_edges))
@@ -183,12 +234,97 @@ def analyze(
         f"are compared one by one, the rest as {c}={queries.OTHER}"
         for c in folded
     ]
-    checks += _drift_checks(spec, features, segments, baseline_version, canary_version, score_edges, window)
+    checks += _drift_checks(spec, agg.features, segments, baseline_version, canary_version, score_edges, window)
     verdict = combine(checks)
     reason = first_reason(checks, verdict)
     if flags:
         reason += "; " + flags[0]
     return AnalysisResult(verdict, reason, baseline_version, canary_version, window, checks, flags)
+
+
+class LookCube:
+    """The sums of many looks from one scan: per version, segment and score bin as :func:`analyze`
+    sums them, and per time slot of the rows (``ts``) and of their labels (``label_ts``) on a grid
+    of ``slot`` seconds from ``start``. A look whose window and label time lie on the grid adds up
+    its slots and gets exactly the sums a scan of its window would; the bin edges, the segments kept
+    and the drift features' edges are taken once, from the baseline's most recent rows of the span.
+
+    A row's label key is the slot its label arrived by, or (for a label that arrived within a label
+    delay and a slot of the row) the first slot any look that counts the row can have: so the cube
+    grows with the late labels only, not with every pair of slots.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        start: datetime,
+        slot: int,
+        score_edges: list[float],
+        feature_edges: dict[str, list[float]],
+        cube: pd.DataFrame,
+    ) -> None:
+        self.engine, self.start, self.slot = engine, start, slot
+        self.score_edges, self.feature_edges, self.cube = score_edges, feature_edges, cube
+
+    @classmethod
+    def build(
+        cls,
+        engine: Engine,
+        spec: RolloutSpec,
+        baseline_version: str,
+        canary_version: str,
+        start: datetime,
+        end: datetime,
+        slot: int,
+    ) -> LookCube:
+        a, table = spec.analysis, _table(spec)
+        lead = int(a.label_delay.total_seconds()) // slot + 1  # every look that counts the row counts this label
+        with engine.connect() as conn:
+            edges = queries.quantile_edges(
+                conn, table, spec.model, baseline_version, start, end, _binned(spec, table), a.edge_sample
+            )
+            score_edges = _score_edges(spec, edges)
+            cube = queries.binned_frame(
+                conn,
+                table,
+                spec.model,
+                [baseline_version, canary_version],
+                start,
+                end,
+                end,
+                a.segments,
+                score_edges,
+                _measures(spec),
+                sample_rows=a.edge_sample,
+                max_values=a.max_segment_values,
+                extra=queries.slot_keys(table, start, end, slot, lead, conn.dialect.name),
+            )
+        return cls(engine, start, slot, score_edges, edges, cube)
+
+    def _index(self, t: datetime) -> int:
+        k, rest = divmod((t - self.start).total_seconds(), self.slot)
+        if rest:
+            raise ValueError(f"{t} is not on the cube's grid of {self.slot} s from {self.start}")
+        return int(k)
+
+    def aggregates(
+        self, spec: RolloutSpec, baseline_version: str, canary_version: str, window: AnalysisWindow
+    ) -> Aggregates:
+        first, stop, asof = self._index(window.start), self._index(window.end), self._index(window.label_asof)
+        c = self.cube
+        mine = c[(c.ts_slot >= first) & (c.ts_slot < stop) & (c.label_slot <= asof)]
+        segments = mine.groupby(["version", "column", "value", "bin"], as_index=False, sort=False)[
+            list(queries.BIN_MEASURES)
+        ].sum()
+        with self.engine.connect() as conn:
+            features = _histograms(conn, spec, baseline_version, canary_version, window, self.feature_edges)
+        return Aggregates(list(self.score_edges), features, segments)
+
+    def analyze(
+        self, spec: RolloutSpec, baseline_version: str, canary_version: str, window: AnalysisWindow
+    ) -> AnalysisResult:
+        agg = self.aggregates(spec, baseline_version, canary_version, window)
+        return evaluate(spec, baseline_version, canary_version, window, agg)
 
 
 def _arms(segments: pd.DataFrame, n_edges: int) -> dict[tuple[str, str, str], _Arm]:

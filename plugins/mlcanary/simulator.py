@@ -23,7 +23,14 @@ from sqlalchemy.engine import Engine
 from mlcanary.routers.base import Router, Split
 from mlcanary.routers.warehouse import WarehouseRouter
 from mlcanary.warehouse.engine import utcnow
-from mlcanary.warehouse.schema import FEATURE_COLUMNS, predictions, resource_metrics
+from mlcanary.warehouse.schema import (
+    FEATURE_COLUMNS,
+    decisions,
+    predictions,
+    resource_metrics,
+    rollouts,
+    traffic_history,
+)
 
 FAULT_KINDS = {
     "latency_ms": "add this many ms to every request's latency",
@@ -241,6 +248,134 @@ def simulate_batch(
             progress(f"{t1:%Y-%m-%d %H:%M:%S}  {total:,} rows")
         t = t1
     return total
+
+
+@dataclass(frozen=True)
+class PastRollout:
+    """A rollout that happened, for :func:`simulate_rollout`: its stages' shares and how long each
+    held, and how it ended (``rolled_back`` or ``promoted``, with the reason recorded)."""
+
+    rollout_id: str
+    spec_name: str
+    baseline_version: str
+    canary_version: str
+    stages: list[tuple[float, timedelta]]  # (canary percent, how long the split held)
+    status: str = "rolled_back"
+    reason: str = "simulated"
+
+
+def simulate_rollout(
+    engine: Engine,
+    config: SimConfig,
+    start: datetime,
+    rate: float,
+    past: PastRollout,
+    lead: timedelta = timedelta(minutes=10),
+    progress: Callable[[str], None] | None = None,
+) -> datetime:
+    """Write a past rollout as the warehouse would hold it: ``lead`` of the baseline alone, then each
+    stage's traffic at its split, then the baseline alone again (or the candidate, promoted) for
+    ``lead``; and its records: the rollout's row, its ``advance`` decisions and traffic history, and
+    the end. Labels arrive after the configured delay (all observed by now). Returns the end."""
+    gen = TrafficGenerator(config)
+    model, base, can = config.model, past.baseline_version, past.canary_version
+    t, total, labels_asof = start - lead, 0, utcnow()
+    spans = [(Split(model, base, None, 0.0), lead)]
+    spans += [(Split(model, base, can, pct), held) for pct, held in past.stages]
+    after = Split(model, can, None, 0.0) if past.status == "promoted" else Split(model, base, None, 0.0)
+    spans.append((after, lead))
+    history: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = [dict(action="start", stage=None, reason=f"{can} against {base}", at=start)]
+    previous = 0.0
+    for number, (split, held) in enumerate(spans):
+        t1 = t + held
+        if 0 < number <= len(past.stages):
+            history.append(
+                dict(
+                    from_percent=previous,
+                    to_percent=split.canary_percent,
+                    at=t,
+                    note=f"stage {number}: canary to {split.canary_percent:g} %",
+                )
+            )
+            events.append(
+                dict(
+                    action="advance",
+                    stage=number,
+                    reason=f"traffic to canary {split.canary_percent:g} %",
+                    at=t,
+                    key=f"advance:{number}",
+                )
+            )
+            previous = split.canary_percent
+        elif number == len(spans) - 1:
+            to = 100.0 if past.status == "promoted" else 0.0
+            history.append(dict(from_percent=previous, to_percent=to, at=t, note=f"{past.status}: simulated"))
+            action = "promote" if past.status == "promoted" else "rollback"
+            events.append(dict(action=action, stage=len(past.stages), reason=past.reason, at=t, key=action))
+            ended = t
+        chunk = t
+        while chunk < t1:
+            step = min(chunk + timedelta(seconds=60), t1)
+            total += _write_tick(
+                engine, gen, split, chunk, step, rate, labels_asof, f"r{config.seed}-{chunk:%Y%m%d%H%M%S}-"
+            )[0]
+            chunk = step
+        if progress:
+            progress(f"{t1:%Y-%m-%d %H:%M:%S}  {total:,} rows")
+        t = t1
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(rollouts).values(
+                rollout_id=past.rollout_id,
+                spec_name=past.spec_name,
+                model=model,
+                baseline_version=base,
+                canary_version=can,
+                dry_run=False,
+                status=past.status,
+                stage_reached=len(past.stages),
+                canary_percent=100.0 if past.status == "promoted" else 0.0,
+                started_at=start,
+                ended_at=ended,
+                reason=past.reason,
+                active_model=None,
+            )
+        )
+        conn.execute(
+            sa.insert(traffic_history),
+            [
+                dict(
+                    model=model,
+                    rollout_id=past.rollout_id,
+                    baseline_version=base,
+                    canary_version=can,
+                    from_percent=h["from_percent"],
+                    to_percent=h["to_percent"],
+                    applied=True,
+                    note=h["note"],
+                    applied_at=h["at"],
+                )
+                for h in history
+            ],
+        )
+        conn.execute(
+            sa.insert(decisions),
+            [
+                dict(
+                    rollout_id=past.rollout_id,
+                    model=model,
+                    stage=e["stage"],
+                    action=e["action"],
+                    verdict=None,
+                    reason=e["reason"],
+                    decided_at=e["at"],
+                    decision_key=e.get("key", e["action"]),
+                )
+                for e in events
+            ],
+        )
+    return t
 
 
 def _scrape_times(t0: datetime, t1: datetime, every: float) -> list[datetime]:

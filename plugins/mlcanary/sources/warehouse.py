@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from mlcanary.sources.base import ArmHealth
 from mlcanary.spec import RolloutSpec
@@ -25,7 +25,7 @@ class WarehouseMetrics:
 
     def measure(self, version: str, start: datetime, end: datetime) -> ArmHealth:
         with self.engine.connect() as conn:
-            req = queries.request_counts(conn, self.predictions, self.model, version, start, end)
+            req = self._requests(conn, version, start, end)
             p99 = None
             if req.n and not req.bad_latency:
                 p99 = queries.latency_quantile(conn, self.predictions, self.model, version, start, end, 0.99)
@@ -51,8 +51,11 @@ class WarehouseMetrics:
     def request_counts(self, version: str, start: datetime, end: datetime) -> tuple[int, int]:
         """Requests and failed requests only, one aggregate over the index range (no P99 sort)."""
         with self.engine.connect() as conn:
-            req = queries.request_counts(conn, self.predictions, self.model, version, start, end)
+            req = self._requests(conn, version, start, end)
         return req.n, req.n - req.ok
+
+    def _requests(self, conn: Connection, version: str, start: datetime, end: datetime) -> queries.Requests:
+        return queries.request_counts(conn, self.predictions, self.model, version, start, end)
 
     def slower_than(self, version: str, start: datetime, end: datetime, latency_ms: float) -> int:
         with self.engine.connect() as conn:

@@ -13,9 +13,11 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
@@ -290,14 +292,62 @@ def bin_index(value: ColumnElement, edges: Sequence[float], dialect: str = "") -
     if dialect == "postgresql" and edges:
         array = sa.cast(sa.literal(list(map(float, edges)), sa.ARRAY(sa.Double)), sa.ARRAY(sa.Double))
         return sa.func.coalesce(sa.func.width_bucket(value, array), -1)
+    return sa.case((value.is_(None), sa.literal(-1)), else_=step_index(value, [float(e) for e in edges]))
+
+
+def step_index(value: ColumnElement, steps: Sequence[Any], below: bool = False) -> ColumnElement:
+    """How many of the ascending ``steps`` are at or below ``value`` (``below``: strictly below), as a
+    balanced CASE tree of bound values (numbers or times) that every dialect runs."""
 
     def tree(lo: int, hi: int) -> ColumnElement:
         if lo == hi:
             return sa.literal(lo)
         mid = (lo + hi) // 2
-        return sa.case((value < sa.literal(float(edges[mid])), tree(lo, mid)), else_=tree(mid + 1, hi))
+        before = value <= sa.literal(steps[mid]) if below else value < sa.literal(steps[mid])
+        return sa.case((before, tree(lo, mid)), else_=tree(mid + 1, hi))
 
-    return sa.case((value.is_(None), sa.literal(-1)), else_=tree(0, len(edges)))
+    return tree(0, len(steps))
+
+
+def slot_steps(start: datetime, end: datetime, slot: float) -> list[datetime]:
+    """The boundaries ``start + k * slot`` from ``start`` up to the first at or after ``end``."""
+    count = max(0, math.ceil((end - start).total_seconds() / slot - 1e-9))
+    return [start + timedelta(seconds=k * slot) for k in range(count + 1)]
+
+
+def slot_keys(t: MappedTable, start: datetime, end: datetime, slot: float, lead: int, dialect: str) -> dict[str, Any]:
+    """The time keys of a replay's cube (see :class:`mlcanary.analysis.LookCube`): ``ts_slot``, the
+    slot of the row, and ``label_slot``, the slot its label arrived by (the number of boundaries
+    before ``label_ts``), but never less than ``ts_slot + lead``."""
+    steps = slot_steps(start, end, slot)
+    row = step_index(t.col("ts"), steps) - 1
+    arrived = step_index(t.col("label_ts"), steps, below=True)
+    greatest = sa.func.max if dialect == "sqlite" else sa.func.greatest  # SQLite's two-argument max is scalar
+    return {"ts_slot": row, "label_slot": greatest(arrived, row + lead)}
+
+
+def slot_request_counts(
+    conn: Connection, t: MappedTable, model: str, versions: Sequence[str], start: datetime, end: datetime, slot: float
+) -> dict[str, dict[int, Requests]]:
+    """Per version and time slot k (``[start + k slot, start + (k + 1) slot)``): :func:`request_counts`."""
+    k = (step_index(t.col("ts"), slot_steps(start, end, slot)) - 1).label("k")
+    success, latency = t.col("success"), t.col("latency_ms")
+    stmt = (
+        sa.select(
+            t.col("version"),
+            k,
+            sa.func.count(),
+            count_where(success == 1),
+            count_where(success.not_in([0, 1])),
+            count_where(sa.or_(latency < 0, not_finite(latency))),
+        )
+        .where(t.col("model") == model, t.col("version").in_(list(versions)), t.col("ts") >= start, t.col("ts") < end)
+        .group_by(t.col("version"), k)
+    )
+    out: dict[str, dict[int, Requests]] = {}
+    for version, slot_k, *counts in conn.execute(stmt):
+        out.setdefault(version, {})[int(slot_k)] = Requests(*(int(c) for c in counts))
+    return out
 
 
 # The per-row quantities that can be summed per version, segment and score bin (y: label, s: score,
@@ -307,7 +357,7 @@ BIN_MEASURES = ("n", "y", "y2", "s", "s2", "ad", "d2", "d4", "y_not01", "y_nonfi
 DATA_CHECKS = ("y_not01", "y_nonfinite", "s_nonfinite")
 
 
-def binned_aggregates(
+def binned_frame(
     conn: Connection,
     t: MappedTable,
     model: str,
@@ -321,10 +371,11 @@ def binned_aggregates(
     slices: int | None = None,
     sample_rows: int = 50_000,
     max_values: int = 50,
-) -> list[dict[str, Any]]:
+    extra: Mapping[str, ColumnElement] | None = None,
+) -> pd.DataFrame:
     """Per version, segment (``column``/``value``; "*" for the whole arm) and score bin, the sums of
     ``measures`` (names from :data:`BIN_MEASURES`; the rest are 0) over the label-complete rows of
-    ``[start, end)``.
+    ``[start, end)``; with ``extra``, per value of those integer keys too (a replay's time slots).
 
     One scan: a single GROUP BY over (score bin, version, every segment column), rolled up here into
     the per-segment marginals. Its result depends on the segments' cardinalities and the bins, never
@@ -385,10 +436,14 @@ def binned_aggregates(
     count = scan_slices(conn) if slices is None else slices
     bounds = _time_slices(start, end, *_data_span(conn, t, model, versions, start, end), count) if count > 1 else []
 
-    def scan(columns: Sequence[ColumnElement], extra: Sequence[ColumnElement] = ()) -> list[sa.Row]:
+    more = list((extra or {}).values())
+
+    def scan(columns: Sequence[ColumnElement], only: Sequence[ColumnElement] = ()) -> list[sa.Row]:
+        columns = [*columns, *more]
+
         def statement(lo: datetime, hi: datetime) -> sa.Select:
             span = [t.col("ts") >= lo, t.col("ts") < hi]
-            return sa.select(*columns, *sums).where(*where, *span, *extra).group_by(*columns)
+            return sa.select(*columns, *sums).where(*where, *span, *only).group_by(*columns)
 
         if len(bounds) <= 1:
             return _aggregate(conn, statement(start, end))
@@ -401,35 +456,34 @@ def binned_aggregates(
         with ThreadPoolExecutor(len(bounds), thread_name_prefix="mlcanary-scan") as pool:
             return [row for part in pool.map(run, bounds) for row in part]
 
-    marginals: dict[tuple[str, str, str, int], list[float]] = {}
-    positions = [BIN_MEASURES.index(m) for m in wanted]
+    names = list(extra or {})
+    frame = keys.frame(scan(keys.columns), names, wanted)
+    parts = [frame.assign(column=OVERALL, value=OVERALL)]
+    for j, name in enumerate(segment_columns):
+        values = frame[f"seg{j}"]
+        if (values.values == _UNSEEN).any():  # values the codebook lacks: this column's marginal for them
+            assert isinstance(keys, _PackedKeys)
+            column = t.col(name)
+            rows = scan([score_bin, t.col("version"), column], [column.not_in(keys.values[j]), column.is_not(None)])
+            extra_part = pd.DataFrame(rows, columns=["bin", "version", "value", *names, *wanted])
+            parts.append(extra_part.assign(column=name, value=extra_part["value"].map(str)))
+        mine = frame[values.notna() & (values.values != _UNSEEN)]
+        parts.append(mine.assign(column=name, value=mine[f"seg{j}"].map(str)))
+    keys_out = ["version", "column", "value", "bin", *names]
+    found = pd.concat([p[[*keys_out, *wanted]] for p in parts], ignore_index=True)
+    found[wanted] = found[wanted].astype(float).fillna(0.0)
+    found = _fold(found, segment_columns, max_values)
+    merged = found.groupby(keys_out, as_index=False, sort=False)[wanted].sum()
+    for m in BIN_MEASURES:
+        if m not in wanted:
+            merged[m] = 0.0
+    merged["bin"] = merged["bin"].astype(int)
+    return merged[[*keys_out, *BIN_MEASURES]]
 
-    def add(key: tuple[str, str, str, int], values: Sequence[Any]) -> None:
-        acc = marginals.setdefault(key, [0.0] * len(BIN_MEASURES))
-        for i, v in zip(positions, values, strict=True):
-            acc[i] += float(v or 0.0)
 
-    unseen: set[int] = set()
-    width = len(keys.columns)
-    for row in scan(keys.columns):
-        b, version, segs = keys.decode(row[:width])
-        values = row[width:]
-        add((version, OVERALL, OVERALL, b), values)
-        for j, (name, value) in enumerate(zip(segment_columns, segs, strict=True)):
-            if value is _UNSEEN:
-                unseen.add(j)
-            elif value is not None:
-                add((version, name, str(value), b), values)
-    for j in sorted(unseen):  # values the codebook lacks: this column's marginal for them, by value
-        assert isinstance(keys, _PackedKeys)
-        column = t.col(segment_columns[j])
-        for row in scan([score_bin, t.col("version"), column], [column.not_in(keys.values[j]), column.is_not(None)]):
-            add((row[1], segment_columns[j], str(row[2]), int(row[0])), row[3:])
-    _fold(marginals, segment_columns, max_values)
-    return [
-        dict(version=v, column=c, value=val, bin=b, **dict(zip(BIN_MEASURES, acc, strict=True)))
-        for (v, c, val, b), acc in marginals.items()
-    ]
+def binned_aggregates(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """:func:`binned_frame`'s rows as dicts."""
+    return list(binned_frame(*args, **kwargs).to_dict("records"))
 
 
 _UNSEEN = object()  # a segment value the codebook of packed keys does not have
@@ -444,22 +498,16 @@ def _folded(column: ColumnElement, kept: Sequence[Any]) -> ColumnElement:
     )
 
 
-def _fold(marginals: dict[tuple[str, str, str, int], list[float]], columns: Sequence[str], max_values: int) -> None:
+def _fold(found: pd.DataFrame, columns: Sequence[str], max_values: int) -> pd.DataFrame:
     """Keep each column's ``max_values`` most frequent values; sum the rest into :data:`OTHER`."""
     for column in columns:
-        sizes: dict[str, float] = {}
-        for (_, c, value, _), acc in marginals.items():
-            if c == column:
-                sizes[value] = sizes.get(value, 0.0) + acc[0]
-        values = [v for v in sizes if v != OTHER]
-        if len(values) <= max_values:
+        mine = found["column"] == column
+        sizes = found[mine & (found["value"] != OTHER)].groupby("value")["n"].sum()
+        if len(sizes) <= max_values:
             continue
-        keep = set(sorted(values, key=lambda v: (-sizes[v], v))[:max_values])
-        for key in [k for k in marginals if k[1] == column and k[2] not in keep and k[2] != OTHER]:
-            acc = marginals.pop(key)
-            into = marginals.setdefault((key[0], column, OTHER, key[3]), [0.0] * len(acc))
-            for i, v in enumerate(acc):
-                into[i] += v
+        keep = set(sorted(sizes.index, key=lambda v: (-sizes[v], v))[:max_values])
+        found.loc[mine & ~found["value"].isin(keep), "value"] = OTHER
+    return found
 
 
 @dataclass(frozen=True)
@@ -474,8 +522,12 @@ class _PlainKeys:
     def columns(self) -> list[ColumnElement]:
         return [self.score_bin, self.version, *self.segments]
 
-    def decode(self, keys: Sequence[Any]) -> tuple[int, str, Sequence[Any]]:
-        return int(keys[0]), keys[1], keys[2:]
+    def frame(self, rows: Sequence[Sequence[Any]], extra: Sequence[str], sums: Sequence[str]) -> pd.DataFrame:
+        """The scan's rows as columns ``bin, version, seg0 ... segK, *extra, *sums``."""
+        segs = [f"seg{j}" for j in range(len(self.segments))]
+        return pd.DataFrame(list(map(tuple, rows)), columns=["bin", "version", *segs, *extra, *sums]).astype(
+            {"bin": int}
+        )
 
 
 @dataclass(frozen=True)
@@ -523,15 +575,20 @@ class _PackedKeys:
     def columns(self) -> list[ColumnElement]:
         return [self.packed]
 
-    def decode(self, keys: Sequence[Any]) -> tuple[int, str, Sequence[Any]]:
-        rest, b = divmod(int(keys[0]), self.bins)
-        segs: list[Any] = []
+    def frame(self, rows: Sequence[Sequence[Any]], extra: Sequence[str], sums: Sequence[str]) -> pd.DataFrame:
+        """The scan's rows decoded, vectorised, as :meth:`_PlainKeys.frame`'s columns; a segment value
+        beyond the codebook is :data:`OTHER` in a folded column, else ``_UNSEEN``."""
+        found = pd.DataFrame(list(map(tuple, rows)), columns=["k", *extra, *sums])
+        rest, b = np.divmod(found["k"].to_numpy(dtype=np.int64), self.bins)
+        out = {"bin": b - 1}
         for j in reversed(range(len(self.values))):
             values = self.values[j]
-            rest, code = divmod(rest, len(values) + 2)
-            beyond = OTHER if j in self.folded else _UNSEEN
-            segs.append(None if code == 0 else beyond if code > len(values) else values[code - 1])
-        return b - 1, self.versions[rest], segs[::-1]
+            rest, code = np.divmod(rest, len(values) + 2)
+            lookup = np.array([None, *values, OTHER if j in self.folded else _UNSEEN], dtype=object)
+            out[f"seg{j}"] = lookup[code]
+        out["version"] = np.array(list(self.versions), dtype=object)[rest]
+        segs = [f"seg{j}" for j in range(len(self.values))]
+        return pd.DataFrame({c: out[c] for c in ["bin", "version", *segs]}).join(found[[*extra, *sums]])
 
 
 def sample_value_counts(
