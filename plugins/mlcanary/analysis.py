@@ -246,7 +246,8 @@ class LookCube:
     """The sums of many looks from one scan: per version, segment and score bin as :func:`analyze`
     sums them, and per time slot of the rows (``ts``) and of their labels (``label_ts``) on a grid
     of ``slot`` seconds from ``start``. A look whose window and label time lie on the grid adds up
-    its slots and gets exactly the sums a scan of its window would; the bin edges, the segments kept
+    its slots and gets exactly the sums a scan of its window would (if the window ends a label delay
+    before the label time, as every look's does); the bin edges, the segments kept
     and the drift features' edges are taken once, from the baseline's most recent rows of the span.
 
     A row's label key is the slot its label arrived by, or (for a label that arrived within a label
@@ -262,8 +263,9 @@ class LookCube:
         score_edges: list[float],
         feature_edges: dict[str, list[float]],
         cube: pd.DataFrame,
+        measures: list[str],
     ) -> None:
-        self.engine, self.start, self.slot = engine, start, slot
+        self.engine, self.start, self.slot, self.measures = engine, start, slot, measures
         self.score_edges, self.feature_edges, self.cube = score_edges, feature_edges, cube
 
     @classmethod
@@ -299,7 +301,7 @@ class LookCube:
                 max_values=a.max_segment_values,
                 extra=queries.slot_keys(table, start, end, slot, lead, conn.dialect.name),
             )
-        return cls(engine, start, slot, score_edges, edges, cube)
+        return cls(engine, start, slot, score_edges, edges, cube, _measures(spec))
 
     def _index(self, t: datetime) -> int:
         k, rest = divmod((t - self.start).total_seconds(), self.slot)
@@ -311,6 +313,8 @@ class LookCube:
         self, spec: RolloutSpec, baseline_version: str, canary_version: str, window: AnalysisWindow
     ) -> Aggregates:
         first, stop, asof = self._index(window.start), self._index(window.end), self._index(window.label_asof)
+        if window.end > window.label_asof - spec.analysis.label_delay:
+            raise ValueError("the cube answers looks whose window ends a label delay before its label time")
         c = self.cube
         mine = c[(c.ts_slot >= first) & (c.ts_slot < stop) & (c.label_slot <= asof)]
         segments = mine.groupby(["version", "column", "value", "bin"], as_index=False, sort=False)[

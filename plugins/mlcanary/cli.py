@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlcanary import registry
+from mlcanary import replay as replays
 from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.audit import record_checks
 from mlcanary.guardrails import evaluate_guardrails
@@ -216,6 +217,84 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-run a rollout's decisions on recorded data under a spec; nothing is written, no traffic moves."""
+    spec = load_spec(args.spec)
+    engine = _engine(args)
+    say = (lambda _msg: None) if args.json else (lambda msg: print(f"  {msg}", flush=True))
+    try:
+        if args.all_rollouts:
+            return _replay_all(args, spec, engine, say)
+        with engine.connect() as conn:
+            if args.rollout:
+                timeline = replays.recorded_timeline(conn, args.rollout)
+            else:
+                if not (args.baseline_version and args.canary_version and args.start):
+                    raise UsageError(
+                        "give --rollout ID, or --baseline-version, --canary-version and --start (and --end), "
+                        "or --all-rollouts"
+                    )
+                end = args.end or utcnow()
+                timeline = replays.planned_timeline(spec, args.baseline_version, args.canary_version, args.start, end)
+        if timeline.model != spec.model:
+            raise UsageError(
+                f"{args.rollout} rolled out model {timeline.model!r}, but {args.spec} is for {spec.model!r}"
+            )
+        result = replays.replay(engine, spec, timeline, progress=say)
+    except replays.ReplayError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print("\n".join(replays.describe(result)))
+    return 0
+
+
+def _replay_all(args: argparse.Namespace, spec: Any, engine: Any, say: Callable[[str], None]) -> int:
+    model = args.model or spec.model
+    with engine.connect() as conn:
+        ids = replays.recorded_rollouts(conn, model)
+        timelines = [replays.recorded_timeline(conn, i) for i in ids]
+    if not timelines:
+        raise UsageError(f"no ended rollout of {model!r} that moved traffic is recorded in this warehouse")
+    results = []
+    for i, timeline in enumerate(timelines, 1):
+        result = replays.replay(engine, spec, timeline)
+        results.append(result)
+        say(
+            f"{i}/{len(timelines)} {timeline.rollout_id}: recorded {timeline.recorded_status}, "
+            f"replayed {result.decision}"
+        )
+    summary = replays.compare(results)
+    if args.json:
+        print(json.dumps({"summary": summary, "rollouts": [r.to_dict() for r in results]}, indent=2))
+        return 0
+    rows = [
+        [
+            r.timeline.rollout_id or "",
+            r.timeline.canary_version,
+            r.timeline.recorded_status or "",
+            _after(r.timeline.recorded_at, r.timeline.started_at),
+            r.decision,
+            _after(r.decided_at, r.timeline.started_at),
+            r.reason[:90],
+        ]
+        for r in results
+    ]
+    print(format_table(rows, ["rollout", "candidate", "recorded", "after", "replayed", "after", "replayed reason"]))
+    print(
+        f"\n{summary['rollouts']} rollouts of {model} under {spec.name}: {summary['agree']} decided alike; "
+        f"{summary['false_rollbacks']} false rollbacks (promoted, replayed rolled back); "
+        f"{summary['missed']} missed (rolled back, replayed promoted); "
+        f"{summary['undecided']} undecided on the recorded data"
+    )
+    return 0
+
+
+def _after(at: datetime | None, start: datetime) -> str:
+    return "-" if at is None else replays.took(at - start)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     paths: list[Path] = []
     for p in map(Path, args.paths):
@@ -406,6 +485,27 @@ def build_parser(extend: Callable[[Commands], None] | None = None) -> argparse.A
     p.add_argument("--baseline-version", help="the version serving (default: the warehouse routing table's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "replay",
+        help="re-run a rollout's decisions on recorded data under a spec (what-if); changes nothing",
+        description="Every guardrail poll and analysis look at the moment it would have happened, on the rows "
+        "the warehouse recorded: per stage when each check first failed, the decision and when. With another "
+        "spec: would it have caught that incident, and how soon? With --all-rollouts: how many of the model's "
+        "past rollouts it would have decided differently (false rollbacks, missed ones). Nothing is written.",
+    )
+    p.add_argument("--spec", required=True, type=Path, help="the spec to replay under (the rollout's own, or another)")
+    _warehouse(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--rollout", help="a recorded rollout (dag_id/run_id): its stages from the traffic history")
+    which.add_argument("--all-rollouts", action="store_true", help="every ended rollout of --model that moved traffic")
+    p.add_argument("--model", help="with --all-rollouts (default: the spec's model)")
+    p.add_argument("--baseline-version", help="without --rollout: the baseline")
+    p.add_argument("--canary-version", help="without --rollout: the candidate")
+    p.add_argument("--start", type=_time, help="without --rollout: when stage 1 began (ISO 8601, UTC if naive)")
+    p.add_argument("--end", type=_time, help="without --rollout: no data after this is read (default: now)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("validate", help="validate rollout spec files or folders")
     p.add_argument("paths", nargs="+")

@@ -40,7 +40,7 @@ from mlcanary.analysis import AnalysisResult, AnalysisWindow, LookCube, analyze
 from mlcanary.guardrails import GuardrailResult, evaluate_guardrails
 from mlcanary.lifecycle import Step, after_guardrails, after_look, final_decision
 from mlcanary.sources.warehouse import WarehouseMetrics
-from mlcanary.spec import RolloutSpec, show_duration
+from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse import queries
 from mlcanary.warehouse.schema import decisions, rollouts, traffic_history
@@ -295,7 +295,8 @@ class _Replay:
 
     # one poll and one look, as the trigger and the analysis task take them
 
-    def poll(self, at: datetime, stage: int, since: datetime, percent: float, max_polls: int) -> GuardrailResult:
+    def poll(self, at: datetime, since: datetime, percent: float | None, max_polls: int) -> GuardrailResult:
+        """A poll at ``at`` of the stage since ``since``; ``percent``: the split in force (None: unknown)."""
         g = self.spec.guardrails
         settled = at - since >= 2 * g.window
         self.polls += 1
@@ -306,7 +307,7 @@ class _Replay:
             at,
             self.t.baseline_version,
             since=since,
-            canary_percent=percent if settled and 0 < percent < 100 else None,
+            canary_percent=percent if settled and percent is not None and 0 < percent < 100 else None,
             window_alpha=g.alpha / (2 * max_polls),
         )
 
@@ -320,7 +321,10 @@ class _Replay:
 
     # a stage
 
-    def stage(self, number: int, percent: float, start: datetime, data_end: datetime) -> StageReplay:
+    def stage(self, number: int, percent: float, start: datetime, data_end: datetime, known: bool) -> StageReplay:
+        """Stage ``number`` at ``percent`` from ``start``, on data up to ``data_end``; ``known``: the
+        split in force is the recorded one (else the sample-ratio check is left out: nobody knows it)."""
+        split = percent if known else None
         spec, g, a = self.spec, self.spec.guardrails, self.spec.analysis
         last = number == len(spec.stages)
         bake = spec.stages[number - 1].bake
@@ -359,7 +363,7 @@ class _Replay:
                 return undecided(
                     data_end, f"the bake ran ({state.healthy_seconds:.0f} s of {bake.total_seconds():.0f} s healthy)"
                 )
-            result = self.poll(at, number, start, percent, max_polls)
+            result = self.poll(at, start, split, max_polls)
             seen(result.checks, at)
             state, ended = after_poll(
                 state,
@@ -416,7 +420,7 @@ class _Replay:
                     return undecided(data_end, f"waiting to look again ({nxt.reason})")
                 if at == until:
                     break
-                polled = self.poll(at, number, start, percent, max_polls)
+                polled = self.poll(at, start, split, max_polls)
                 seen(polled.checks, at)
                 wait_state, bad = after_poll(
                     wait_state,
@@ -474,7 +478,7 @@ def replay(
             percent, begin, data_end = recorded.percent, max(_up(recorded.start, run.slot), start), recorded.end
         else:
             percent, begin, data_end = spec.stages[number - 1].percent, start, timeline.ends_at
-        outcome = run.stage(number, percent, begin, min(data_end, timeline.ends_at))
+        outcome = run.stage(number, percent, begin, min(data_end, timeline.ends_at), bool(timeline.stages))
         stages.append(outcome)
         if outcome.decision != "advance":
             break
@@ -484,6 +488,31 @@ def replay(
     return ReplayResult(
         spec.name, timeline, stages, final.decision, final.decided_at, final.reason, run.polls, run.looks
     )
+
+
+def compare(results: list[ReplayResult]) -> dict[str, int]:
+    """How the replayed decisions of recorded rollouts compare with what was recorded."""
+    out = {"rollouts": len(results), "agree": 0, "false_rollbacks": 0, "missed": 0, "undecided": 0}
+    for r in results:
+        recorded = {"promoted": "promote", "rolled_back": "rollback"}.get(r.timeline.recorded_status or "")
+        if r.decision == "undecided":
+            out["undecided"] += 1
+        elif r.decision == recorded:
+            out["agree"] += 1
+        elif recorded == "promote" and r.decision == "rollback":
+            out["false_rollbacks"] += 1
+        elif recorded == "rollback" and r.decision == "promote":
+            out["missed"] += 1
+    return out
+
+
+def took(span: timedelta) -> str:
+    """``39 min 30 s``, ``2 h 5 min``, ``12 s``: a duration for people."""
+    seconds = round(span.total_seconds())
+    h, rest = divmod(abs(seconds), 3600)
+    m, sec = divmod(rest, 60)
+    parts = [f"{h} h"] * bool(h) + [f"{m} min"] * bool(m) + [f"{sec} s"] * bool(sec and not h)
+    return ("-" if seconds < 0 else "") + (" ".join(parts) or "0 s")
 
 
 def _clock(at: datetime | None) -> str:
@@ -499,21 +528,19 @@ def describe(result: ReplayResult) -> list[str]:
         f"rollout start {_clock(t.started_at)}; {result.polls} polls and {result.looks} analysis looks replayed",
     ]
     for s in result.stages:
-        into = "" if s.decided_at is None else f" ({show_duration(s.decided_at - s.start)} into the stage)"
+        into = "" if s.decided_at is None else f" ({took(s.decided_at - s.start)} into the stage)"
         lines.append(
             f"stage {s.number} ({s.percent:g} %) from {_clock(s.start)}: {s.decision} at {_clock(s.decided_at)}{into}"
         )
         for check, when in sorted(s.first_failures.items(), key=lambda kv: kv[1]):
-            lines.append(
-                f"    {check}: first failed at {_clock(when)} ({show_duration(when - s.start)} into the stage)"
-            )
+            lines.append(f"    {check}: first failed at {_clock(when)} ({took(when - s.start)} into the stage)")
         lines.append(f"    {s.reason}")
     if t.rollout_id:
         lines.append(f"recorded: {t.recorded_status} at {_clock(t.recorded_at)}: {t.recorded_reason or ''}")
-    took = result.time_to_decision
+    spent = result.time_to_decision
     lines.append(
         f"replayed: {result.decision}"
-        + ("" if took is None else f" at {_clock(result.decided_at)}, {show_duration(took)} after the start")
+        + ("" if spent is None else f" at {_clock(result.decided_at)}, {took(spent)} after the start")
         + f": {result.reason}"
     )
     return lines
