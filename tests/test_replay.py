@@ -28,7 +28,8 @@ from mlcanary.spec import RolloutSpec, parse_spec
 from mlcanary.tables import predictions_table
 from mlcanary.warehouse import queries
 from mlcanary.warehouse.engine import make_engine
-from mlcanary.warehouse.schema import create_schema, metadata, predictions
+from mlcanary.warehouse.schema import create_schema, decisions, metadata, predictions
+from rollout_runner import E2E_ANALYSIS, E2E_POLICIES, run_rollout
 
 T0 = datetime(2026, 11, 20, 12, 0)
 SPEC = base_spec(
@@ -257,13 +258,45 @@ def test_a_looks_sums_from_the_cube_equal_a_scan_of_its_window(loaded: sa.Engine
         cube.aggregates(spec, "v1", "v2", AnalysisWindow(T0, T0 + timedelta(seconds=600), T0 + timedelta(seconds=600)))
 
 
-def test_slot_counts_sum_to_the_request_counts_of_any_range_on_the_grid(loaded: sa.Engine) -> None:
+def test_running_counts_equal_the_request_counts_of_every_poll_range(loaded: sa.Engine) -> None:
     spec = _spec()
-    metrics = replays._SlotMetrics(loaded, spec, ["v1", "v2"], T0, T0 + timedelta(minutes=10), 30)
+    metrics = replays._RunningCounts(loaded, spec)
     table = predictions_table(spec)
+    since = T0 + timedelta(seconds=7.25)
+    ranges = [(since, since + timedelta(seconds=s)) for s in (30, 60, 90, 120)]  # a stage's counts, poll by poll
+    ranges += [(since + timedelta(seconds=30), since + timedelta(seconds=120)), (T0, T0 + timedelta(seconds=50))]
+    later = T0 + timedelta(seconds=400.5)  # the next stage
+    ranges += [(later, later + timedelta(seconds=30)), (later, later + timedelta(seconds=95.5))]
     with loaded.connect() as conn:
-        for a, b in [(0, 600), (30, 90), (120, 121 * 5), (570, 600)]:
-            start, end = T0 + timedelta(seconds=a), T0 + timedelta(seconds=b)
+        for start, end in ranges:
             for version in ("v1", "v2"):
                 want = queries.request_counts(conn, table, spec.model, version, start, end)
-                assert metrics._requests(conn, version, start, end) == want
+                assert metrics._requests(conn, version, start, end) == want, (start, end)
+
+
+# --- a rollout recorded by its own DAG ------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_rollout_recorded_by_its_dag_replays_to_its_own_decision(
+    airflow_db: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = run_rollout(tmp_path, monkeypatch, faults=("v2:latency_ms=300;min_percent=30",))
+    assert out.rollout is not None and out.rollout.status == "rolled_back"
+    spec = parse_spec(base_spec(analysis=E2E_ANALYSIS, policies=E2E_POLICIES))
+    engine = make_engine(f"sqlite:///{tmp_path}/warehouse.db")
+    with engine.connect() as conn:
+        timeline = replays.recorded_timeline(conn, out.rollout.rollout_id)
+        rolled_back = conn.execute(
+            sa.select(decisions.c.decided_at).where(decisions.c.action == "rollback")
+        ).scalar_one()
+    assert [s.percent for s in timeline.stages] == [10.0, 30.0]
+    result = replays.replay(engine, spec, timeline)
+    assert [s.decision for s in result.stages] == ["advance", "rollback"], result.reason
+    assert result.reason.startswith("guardrails stage 2 breach: p99_latency_ms")
+    assert "p99_latency_ms" in result.stages[1].first_failures
+    # the replayed decision lies within a few one-second polls of the recorded one
+    assert result.decided_at is not None and abs(result.decided_at - rolled_back) <= timedelta(seconds=3)
+    lax_guardrails = {**base_spec()["guardrails"], "p99_latency_ms_max": 2000}
+    lax = parse_spec(base_spec(analysis=E2E_ANALYSIS, policies=E2E_POLICIES, guardrails=lax_guardrails))
+    assert "p99_latency_ms" not in replays.replay(engine, lax, timeline).stages[1].first_failures

@@ -17,11 +17,12 @@ What the replay cannot know it says: a recorded stage that ended before this spe
 replay undecided ("the recorded data ends"); a question to a person is reported as such. An approval
 before the final stage is taken as given.
 
-The rows are read once: the analysis' sums per (version, segment, score bin, time slot, label slot)
-in one scan (:class:`~mlcanary.warehouse.queries.LookCube`), each look adding up its slots; the
-guardrails' stage-level counts from per-slot counts. Times are on a grid of ``slot`` seconds (the
-greatest common divisor of the spec's intervals, windows and label delay, at most the guardrail
-interval): each stage's start is rounded up to the grid, so every window starts and ends on a slot.
+The rows are read once. The analysis' sums per (version, segment, score bin, time slot, label slot)
+come from one scan (:class:`~mlcanary.analysis.LookCube`) and each look adds up its slots: a look is
+taken at the grid point at or before its moment (the grid: whole multiples of the greatest common
+divisor of the guardrail interval, the analysis interval and window and the label delay; 30 s for
+the usual specs), so it sees at most one slot less than the live look did. The polls are at their
+exact moments; a stage's request counts run on from poll to poll (:class:`_RunningCounts`).
 """
 
 from __future__ import annotations
@@ -220,55 +221,52 @@ def recorded_rollouts(conn: Connection, model: str) -> list[str]:
 # --- the grid --------------------------------------------------------------------------------------
 
 
-def slot_seconds(spec: RolloutSpec) -> int:
+def slot_seconds(spec: RolloutSpec) -> int | None:
     """The grid every replayed poll and window lies on: the whole seconds that divide the guardrail
-    interval and window, the analysis interval and window, and the label delay."""
+    interval and window, the analysis interval and window, and the label delay (None: one of them is
+    no whole number of seconds, and nothing is reused: every poll and look scans its window)."""
     g, a = spec.guardrails, spec.analysis
-    spans = [g.interval, g.window, a.interval, a.window, a.label_delay]
-    whole = [int(s.total_seconds()) for s in spans if s.total_seconds() > 0]
+    spans = [s.total_seconds() for s in (g.interval, g.window, a.interval, a.window, a.label_delay)]
+    if any(s != int(s) for s in spans):
+        return None
+    whole = [int(s) for s in spans if s > 0]
     step = 0
     for s in whole:
         step = math.gcd(step, s)
     return max(1, step)
 
 
-def _up(t: datetime, slot: int) -> datetime:
-    """``t`` rounded up to the grid (whole multiples of ``slot`` seconds since the epoch)."""
-    seconds = (t - EPOCH).total_seconds()
-    return EPOCH + timedelta(seconds=math.ceil(seconds / slot - 1e-9) * slot)
+def _down(t: datetime, slot: int) -> datetime:
+    """``t`` rounded down to the grid (whole multiples of ``slot`` seconds since the epoch)."""
+    seconds = (t - EPOCH) // timedelta(microseconds=1)
+    return EPOCH + timedelta(microseconds=seconds - seconds % (slot * 1_000_000))
 
 
 # --- the replay ------------------------------------------------------------------------------------
 
 
-class _SlotMetrics(WarehouseMetrics):
-    """The warehouse's guardrail metrics with the request counts of any range on the grid summed from
-    per-slot counts read once: a poll's own queries are then its P99 and the resource means."""
+class _RunningCounts(WarehouseMetrics):
+    """The warehouse's guardrail metrics, with the request counts of a stage kept running: each count
+    from the stage's start is the last one plus the rows since (one short range per poll), and a
+    window that starts at an earlier poll is the difference of two of them. Exact at any times."""
 
-    def __init__(
-        self, engine: Engine, spec: RolloutSpec, versions: list[str], start: datetime, end: datetime, slot: int
-    ):
+    def __init__(self, engine: Engine, spec: RolloutSpec) -> None:
         super().__init__(engine, spec)
-        self.start, self.slot = start, slot
-        slots = max(0, math.ceil((end - start).total_seconds() / slot))
-        with engine.connect() as conn:
-            per = queries.slot_request_counts(conn, self.predictions, self.model, versions, start, end, slot)
-        self.cumulative: dict[str, np.ndarray] = {}
-        for version in versions:  # running sums of (n, ok, bad_success, bad_latency) at each slot boundary
-            counts = np.zeros((slots + 1, 4), dtype=np.int64)
-            for k, req in per.get(version, {}).items():
-                counts[k + 1] = (req.n, req.ok, req.bad_success, req.bad_latency)
-            self.cumulative[version] = np.cumsum(counts, axis=0)
+        self.since: dict[str, datetime] = {}
+        self.points: dict[str, dict[datetime, np.ndarray]] = {}  # per version: counts from since to each time
 
     def _requests(self, conn: Connection, version: str, start: datetime, end: datetime) -> queries.Requests:
-        sums, i, j = self.cumulative.get(version), self._index(start), self._index(end)
-        if sums is None or i is None or j is None or j >= len(sums):
-            return super()._requests(conn, version, start, end)
-        return queries.Requests(*(int(x) for x in sums[j] - sums[i]))
-
-    def _index(self, t: datetime) -> int | None:
-        k, rest = divmod((t - self.start).total_seconds(), self.slot)
-        return int(k) if rest == 0 and k >= 0 else None
+        points = self.points.setdefault(version, {})
+        if start not in points:
+            if points and start < max(points):  # a range that is not the stage's: count it as it is
+                return super()._requests(conn, version, start, end)
+            self.since[version], points = start, {start: np.zeros(4, dtype=np.int64)}  # a new stage
+            self.points[version] = points
+        if end not in points:
+            last = max((t for t in points if t <= end), default=start)
+            more = super()._requests(conn, version, last, end)
+            points[end] = points[last] + np.array([more.n, more.ok, more.bad_success, more.bad_latency])
+        return queries.Requests(*(int(x) for x in points[end] - points[start]))
 
 
 class _Replay:
@@ -282,15 +280,17 @@ class _Replay:
     ) -> None:
         self.engine, self.spec, self.t = engine, spec, timeline
         self.say = progress or (lambda _msg: None)
-        self.slot = slot_seconds(spec)
-        self.t0 = _up(timeline.started_at, self.slot)
+        slot = slot_seconds(spec)
+        self.slot = slot or 1
+        self.t0 = _down(timeline.started_at, self.slot)  # the looks' grid, and where their windows begin
         self.end = timeline.ends_at
         versions = [timeline.baseline_version, timeline.canary_version]
         self.source: WarehouseMetrics = WarehouseMetrics(engine, spec)
         self.cube: LookCube | None = None
         if reuse:
-            self.source = _SlotMetrics(engine, spec, versions, self.t0, self.end, self.slot)
-            self.cube = LookCube.build(engine, spec, *versions, self.t0, self.end, self.slot)
+            self.source = _RunningCounts(engine, spec)
+        if reuse and slot is not None:
+            self.cube = LookCube.build(engine, spec, *versions, self.t0, self.end, slot)
         self.polls = self.looks = 0
 
     # one poll and one look, as the trigger and the analysis task take them
@@ -312,7 +312,8 @@ class _Replay:
         )
 
     def look(self, at: datetime) -> AnalysisResult:
-        window = AnalysisWindow.ending_at(self.spec, at, not_before=self.t0)
+        """A look at ``at``, with the labels and rows up to the grid point at or before it."""
+        window = AnalysisWindow.ending_at(self.spec, _down(at, self.slot), not_before=self.t0)
         self.looks += 1
         if self.cube is None:
             with self.engine.connect() as conn:
@@ -455,7 +456,7 @@ def replay(
     ``reuse=False``: every poll and look scans its own window, as the live tasks do (for comparison)."""
     run = _Replay(engine, spec, timeline, progress, reuse)
     stages: list[StageReplay] = []
-    start = run.t0
+    start = timeline.started_at
     for number in range(1, len(spec.stages) + 1):
         if timeline.stages:  # recorded: the stage's own split, from when it was applied
             if number > len(timeline.stages):
@@ -475,7 +476,7 @@ def replay(
                 )
                 break
             recorded = timeline.stages[number - 1]
-            percent, begin, data_end = recorded.percent, max(_up(recorded.start, run.slot), start), recorded.end
+            percent, begin, data_end = recorded.percent, max(recorded.start, start), recorded.end
         else:
             percent, begin, data_end = spec.stages[number - 1].percent, start, timeline.ends_at
         outcome = run.stage(number, percent, begin, min(data_end, timeline.ends_at), bool(timeline.stages))

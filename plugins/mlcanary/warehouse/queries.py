@@ -326,30 +326,6 @@ def slot_keys(t: MappedTable, start: datetime, end: datetime, slot: float, lead:
     return {"ts_slot": row, "label_slot": greatest(arrived, row + lead)}
 
 
-def slot_request_counts(
-    conn: Connection, t: MappedTable, model: str, versions: Sequence[str], start: datetime, end: datetime, slot: float
-) -> dict[str, dict[int, Requests]]:
-    """Per version and time slot k (``[start + k slot, start + (k + 1) slot)``): :func:`request_counts`."""
-    k = (step_index(t.col("ts"), slot_steps(start, end, slot)) - 1).label("k")
-    success, latency = t.col("success"), t.col("latency_ms")
-    stmt = (
-        sa.select(
-            t.col("version"),
-            k,
-            sa.func.count(),
-            count_where(success == 1),
-            count_where(success.not_in([0, 1])),
-            count_where(sa.or_(latency < 0, not_finite(latency))),
-        )
-        .where(t.col("model") == model, t.col("version").in_(list(versions)), t.col("ts") >= start, t.col("ts") < end)
-        .group_by(t.col("version"), k)
-    )
-    out: dict[str, dict[int, Requests]] = {}
-    for version, slot_k, *counts in conn.execute(stmt):
-        out.setdefault(version, {})[int(slot_k)] = Requests(*(int(c) for c in counts))
-    return out
-
-
 # The per-row quantities that can be summed per version, segment and score bin (y: label, s: score,
 # d = s - y): count, y, y², s, s², |d|, d², d⁴; and the data checks' counts, in the same pass: labels
 # neither 0 nor 1, NaN or infinite labels, NaN or infinite scores.
