@@ -21,7 +21,7 @@ from mlcanary.routers.base import Split
 from mlcanary.routers.warehouse import WarehouseRouter
 from mlcanary.simulator import SimConfig, simulate_batch
 from mlcanary.spec import RolloutSpec, SpecError, load_spec, parse_spec
-from mlcanary.warehouse.engine import utcnow
+from mlcanary.warehouse.engine import naive_utc, utcnow
 from mlcanary.warehouse.schema import posthoc_results, predictions, rollouts, traffic_history
 
 MODEL = "unit-ranker"
@@ -283,6 +283,19 @@ def test_the_analysis_counts_exactly_the_window(engine: sa.Engine) -> None:
     assert checks["window_start"] == start.isoformat() and checks["checks"][0]["segment"] == "*"
     assert (row.baseline_n, row.canary_n) == (result.baseline_n, result.canary_n)
     assert result.line().startswith(f"{start:%Y-%m-%d} 01:00-02:00 UTC v1 vs v2: {result.verdict} (labelled rows:")
+
+
+def test_an_airflow_data_interval_is_stored_as_plain_utc(engine: sa.Engine) -> None:
+    """Airflow gives pendulum DateTimes, a datetime subclass the sqlite3 driver does not bind (unless
+    Airflow's own SQLite metadata set-up registered an adapter in the process: a worker on PostgreSQL has none)."""
+    start = pendulum.instance(at(3), tz="UTC").in_timezone("Europe/Berlin")
+    assert type(naive_utc(start)) is datetime and naive_utc(start) == at(3)
+    _history(engine, at(0), "v1", "v2", 20.0)
+    (result,) = analyse_window(engine, _spec(), start, start.add(hours=1))
+    assert type(result.window_start) is datetime and type(result.window_end) is datetime
+    assert (result.window_start, result.window_end) == (at(3), at(4))
+    (row,) = _rows(engine)
+    assert (row.window_start, row.window_end) == (at(3), at(4))
 
 
 def test_a_window_without_a_canary_is_recorded_as_such(engine: sa.Engine) -> None:

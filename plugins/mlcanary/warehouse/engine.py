@@ -77,7 +77,10 @@ def utcnow() -> datetime:
 
 
 def naive_utc(moment: datetime) -> datetime:
-    """A timestamp as naive UTC (aware ones are converted, naive ones are taken as UTC)."""
+    """A timestamp as naive UTC (aware ones are converted, naive ones are taken as UTC), as a plain
+    ``datetime``: a subclass (pendulum's, from an Airflow context) is no type the sqlite3 driver binds."""
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC).replace(tzinfo=None)
+    if type(moment) is not datetime:
+        moment = datetime(*moment.timetuple()[:6], moment.microsecond)
     return moment
