@@ -28,7 +28,7 @@ from mlcanary.spec import RolloutSpec, parse_spec
 from mlcanary.tables import predictions_table
 from mlcanary.warehouse import queries
 from mlcanary.warehouse.engine import make_engine
-from mlcanary.warehouse.schema import create_schema, decisions, metadata, predictions
+from mlcanary.warehouse.schema import create_schema, decisions, metadata, predictions, rollouts
 from rollout_runner import E2E_ANALYSIS, E2E_POLICIES, run_rollout
 
 T0 = datetime(2026, 11, 20, 12, 0)
@@ -143,6 +143,16 @@ def test_reusing_aggregates_decides_as_scanning_every_window(recorded: str) -> N
     assert replays.replay(engine, _spec(), healthy).decision == "promote"
 
 
+def test_looks_before_a_label_delay_has_passed_see_nothing_and_decide_alike(recorded: str) -> None:
+    """A label delay longer than the look interval: the first looks' windows are empty (INCONCLUSIVE)."""
+    engine = make_engine(recorded)
+    spec = _spec(**{"analysis.label_delay": "3m", "analysis.min_label_window": "30s"})
+    with engine.connect() as conn:
+        timeline = replays.recorded_timeline(conn, "rollout__replay_ranker/manual__v4")
+    fast, slow = replays.replay(engine, spec, timeline), replays.replay(engine, spec, timeline, reuse=False)
+    assert [(s.decision, s.decided_at) for s in fast.stages] == [(s.decision, s.decided_at) for s in slow.stages]
+
+
 def test_a_planned_replay_follows_the_spec_stages_from_its_start(recorded: str) -> None:
     engine = make_engine(recorded)
     start = T0 + timedelta(hours=1)  # v4's rollout: stages of 5 min each from here
@@ -155,9 +165,15 @@ def test_a_planned_replay_follows_the_spec_stages_from_its_start(recorded: str) 
         replays.planned_timeline(_spec(), "v2", "v4", start, start)
 
 
-def test_an_unknown_rollout_is_refused_by_name(recorded: str) -> None:
+def test_an_unknown_rollout_or_a_dry_run_is_refused_by_name(recorded: str, engine: sa.Engine) -> None:
     with make_engine(recorded).connect() as conn, pytest.raises(replays.ReplayError, match="no rollout 'nope'"):
         replays.recorded_timeline(conn, "nope")
+    dry = PastRollout("rollout__replay_ranker/dry", "replay_ranker", "v1", "v2", HELD[:1], "rolled_back")
+    simulate_rollout(engine, SimConfig(model="replay-ranker"), T0, 1.0, dry, lead=timedelta(seconds=10))
+    with engine.begin() as conn:
+        conn.execute(sa.update(rollouts).values(dry_run=True))
+    with engine.connect() as conn, pytest.raises(replays.ReplayError, match="was a dry run: no traffic moved to v2"):
+        replays.recorded_timeline(conn, "rollout__replay_ranker/dry")
 
 
 def _mlcanary(*args: str) -> subprocess.CompletedProcess[str]:
@@ -189,10 +205,13 @@ def test_command_line_replays_one_rollout_and_counts_false_rollbacks(recorded: s
 
 
 def _rows(n: int = 4000, seed: int = 3) -> pd.DataFrame:
-    """Rows over 10 minutes; a third of the labels arrive late (up to 5 minutes), some never."""
+    """Rows over 10 minutes; a third of the labels arrive late (up to 5 minutes), some never; and
+    rows, and labels, exactly on the 10-second slot boundaries and a microsecond before them."""
     rng = np.random.default_rng(seed)
-    ts = [T0 + timedelta(seconds=float(s)) for s in rng.uniform(0, 600, n)]
+    edges = [T0 + timedelta(seconds=10 * k) + timedelta(microseconds=d) for k in range(1, 60) for d in (0, -1)]
+    ts = [T0 + timedelta(seconds=float(s)) for s in rng.uniform(0, 600 - 60, n - len(edges))] + edges
     lag = np.where(rng.uniform(size=n) < 0.67, rng.uniform(1, 15, n), rng.uniform(15, 300, n))
+    lag[-len(edges) :] = rng.choice([10.0, 20.0, 30.0], len(edges))  # whole slots: labels on a boundary too
     labelled = rng.uniform(size=n) < 0.9
     return pd.DataFrame(
         {
@@ -223,7 +242,12 @@ def loaded(request: pytest.FixtureRequest) -> sa.Engine:
     return eng
 
 
-def test_a_looks_sums_from_the_cube_equal_a_scan_of_its_window(loaded: sa.Engine) -> None:
+@pytest.mark.parametrize("arithmetic", [False, True], ids=["few-slots", "arithmetic-slots"])
+def test_a_looks_sums_from_the_cube_equal_a_scan_of_its_window(
+    loaded: sa.Engine, arithmetic: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if arithmetic:  # SQLite computes many slots from the text's seconds and microseconds, not a CASE tree
+        monkeypatch.setattr(queries, "MAX_TREE_STEPS", 0)
     spec = _spec(**{"analysis.label_delay": "20s"})
     slot = 10
     cube = LookCube.build(loaded, spec, "v1", "v2", T0, T0 + timedelta(minutes=10), slot)

@@ -313,7 +313,7 @@ class LookCube:
         self, spec: RolloutSpec, baseline_version: str, canary_version: str, window: AnalysisWindow
     ) -> Aggregates:
         first, stop, asof = self._index(window.start), self._index(window.end), self._index(window.label_asof)
-        if window.end > window.label_asof - spec.analysis.label_delay:
+        if first < stop and window.end > window.label_asof - spec.analysis.label_delay:
             raise ValueError("the cube answers looks whose window ends a label delay before its label time")
         c = self.cube
         mine = c[(c.ts_slot >= first) & (c.ts_slot < stop) & (c.label_slot <= asof)]

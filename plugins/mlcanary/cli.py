@@ -286,7 +286,8 @@ def _replay_all(args: argparse.Namespace, spec: Any, engine: Any, say: Callable[
         f"\n{summary['rollouts']} rollouts of {model} under {spec.name}: {summary['agree']} decided alike; "
         f"{summary['false_rollbacks']} false rollbacks (promoted, replayed rolled back); "
         f"{summary['missed']} missed (rolled back, replayed promoted); "
-        f"{summary['undecided']} undecided on the recorded data"
+        f"{summary['undecided']} undecided on the recorded data; {summary['other']} other (asked a person, "
+        "or a recorded end that was neither)"
     )
     return 0
 

@@ -15,14 +15,20 @@ same state machines (:mod:`mlcanary.watch`, :mod:`mlcanary.lifecycle`) and the s
 
 What the replay cannot know it says: a recorded stage that ended before this spec decided ends the
 replay undecided ("the recorded data ends"); a question to a person is reported as such. An approval
-before the final stage is taken as given.
+before the final stage is taken as given, and the polls while a person is asked are not replayed.
+A stage's deadline counts from its start (the live sensor's from when it began, a few seconds later),
+and an extension's time from look to look (the live one also counts each look's own run time).
 
 The rows are read once. The analysis' sums per (version, segment, score bin, time slot, label slot)
 come from one scan (:class:`~mlcanary.analysis.LookCube`) and each look adds up its slots: a look is
 taken at the grid point at or before its moment (the grid: whole multiples of the greatest common
 divisor of the guardrail interval, the analysis interval and window and the label delay; 30 s for
-the usual specs), so it sees at most one slot less than the live look did. The polls are at their
-exact moments; a stage's request counts run on from poll to poll (:class:`_RunningCounts`).
+the usual specs), so it sees at most one slot less than the live look did. The score's bin edges,
+the segment values kept and the drift features' edges are taken once, from the baseline's most
+recent rows of the replayed span, where the live looks take them per look: counts, rates and means
+are the live ones exactly, AUC, ECE, precision/recall and drift differ in the third decimal. The
+polls are at their exact moments; a stage's request counts run on from poll to poll
+(:class:`_RunningCounts`).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from mlcanary.sources.warehouse import WarehouseMetrics
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse import queries
+from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import decisions, rollouts, traffic_history
 from mlcanary.watch import End, Ended, WatchState, after_poll, past_deadline
 from mlcanary.watch import after_look as watch_after_look
@@ -157,6 +164,11 @@ def recorded_timeline(conn: Connection, rollout_id: str) -> Timeline:
     row = conn.execute(sa.select(rollouts).where(rollouts.c.rollout_id == rollout_id)).one_or_none()
     if row is None:
         raise ReplayError(f"no rollout {rollout_id!r} in this warehouse (see `mlcanary report`)")
+    if row.dry_run:
+        raise ReplayError(
+            f"{rollout_id} was a dry run: no traffic moved to {row.canary_version}, so its rows are the baseline's; "
+            "replay a window with --start instead"
+        )
     advances = conn.execute(
         sa.select(decisions.c.stage, decisions.c.decided_at)
         .where(decisions.c.rollout_id == rollout_id, decisions.c.action == "advance", decisions.c.stage.is_not(None))
@@ -173,12 +185,7 @@ def recorded_timeline(conn: Connection, rollout_id: str) -> Timeline:
     }
     if not advances:
         raise ReplayError(f"{rollout_id} never moved traffic to its canary: there is nothing to replay")
-    ended = (
-        row.ended_at
-        or conn.execute(
-            sa.select(sa.func.max(traffic_history.c.applied_at)).where(traffic_history.c.rollout_id == rollout_id)
-        ).scalar_one()
-    )
+    ended = row.ended_at or utcnow()  # a rollout still running: up to now
     starts = [(int(stage), at) for stage, at in advances]
     stages = tuple(
         RecordedStage(percents.get(stage, math.nan), at, starts[i + 1][1] if i + 1 < len(starts) else ended)
@@ -236,6 +243,12 @@ def slot_seconds(spec: RolloutSpec) -> int | None:
     return max(1, step)
 
 
+def _up(t: datetime, slot: int) -> datetime:
+    """``t`` rounded up to the grid."""
+    down = _down(t, slot)
+    return down if down == t else down + timedelta(seconds=slot)
+
+
 def _down(t: datetime, slot: int) -> datetime:
     """``t`` rounded down to the grid (whole multiples of ``slot`` seconds since the epoch)."""
     seconds = (t - EPOCH) // timedelta(microseconds=1)
@@ -282,7 +295,7 @@ class _Replay:
         self.say = progress or (lambda _msg: None)
         slot = slot_seconds(spec)
         self.slot = slot or 1
-        self.t0 = _down(timeline.started_at, self.slot)  # the looks' grid, and where their windows begin
+        self.t0 = _up(timeline.started_at, self.slot)  # the looks' grid, and where their windows may begin
         self.end = timeline.ends_at
         versions = [timeline.baseline_version, timeline.canary_version]
         self.source: WarehouseMetrics = WarehouseMetrics(engine, spec)
@@ -354,10 +367,12 @@ class _Replay:
                 f"the recorded data ends at {_clock(data_end)} while {doing}: this spec had not decided by then",
             )
 
-        # the bake: polls, and looks alongside
+        # the bake: polls, and looks alongside. As in the trigger, a look starts after a poll once
+        # it is due and its verdict counts at the next poll; one still pending when the bake ends is dropped.
         state = WatchState()
         at = start + interval
         next_look = start + look_every
+        pending: AnalysisResult | None = None
         ended: Ended | None = None
         while ended is None:
             if at > data_end:
@@ -376,17 +391,19 @@ class _Replay:
                 bake.total_seconds(),
                 spec.policies.invalid == "rollback",
             )
-            if at >= next_look:
-                look = self.look(next_look)
-                seen(look.checks, next_look)
-                state, looked = watch_after_look(state, look.verdict, look.reason, a.consecutive_fails)
-                next_look += look_every
+            if pending is not None:
+                state, looked = watch_after_look(state, pending.verdict, pending.reason, a.consecutive_fails)
+                pending = None
                 if looked is not None and (ended is None or ended.end is End.HEALTHY):
                     ended = looked
             ended = ended or past_deadline(
                 state, (at + interval - EPOCH).total_seconds(), (deadline - EPOCH).total_seconds(), bake.total_seconds()
             )
             if ended is None:
+                if at >= next_look:
+                    pending = self.look(at)
+                    seen(pending.checks, at)
+                    next_look = at + look_every
                 at += interval
         nxt = after_guardrails(ended.end.value, ended.reason, number)
         if nxt.step is Step.ROLL_BACK:
@@ -414,15 +431,14 @@ class _Replay:
             if nxt.step is Step.PROCEED:
                 break
             fails = fails + 1 if nxt.action == "confirm" else 0
-            wait_state, until = WatchState(), at + look_every
-            while at < until:  # the guarded wait: polls every interval, the bake done
-                at = min(at + interval, until)
-                if at > data_end:
+            # the guarded wait: a poll at once and every interval until the next look (its own counters)
+            wait_state, until, poll_at = WatchState(), at + look_every, at
+            wait_polls = max(1, math.ceil(look_every / interval))
+            while poll_at < until:
+                if poll_at > data_end:
                     return undecided(data_end, f"waiting to look again ({nxt.reason})")
-                if at == until:
-                    break
-                polled = self.poll(at, start, split, max_polls)
-                seen(polled.checks, at)
+                polled = self.poll(poll_at, start, split, wait_polls)
+                seen(polled.checks, poll_at)
                 wait_state, bad = after_poll(
                     wait_state,
                     g,
@@ -435,7 +451,11 @@ class _Replay:
                 )
                 if bad is not None:
                     why = f"{bad.reason} (while waiting for the next analysis look)"
-                    return out(at, "rollback", after_guardrails(bad.end.value, why, number).reason)
+                    return out(poll_at, "rollback", after_guardrails(bad.end.value, why, number).reason)
+                poll_at += interval
+            at = until
+            if at > data_end:
+                return undecided(data_end, f"waiting to look again ({nxt.reason})")
         if not last:
             return out(at, "advance", f"stage {number} done: {result.verdict.value}: {result.reason}")
         final = final_decision(
@@ -493,11 +513,13 @@ def replay(
 
 def compare(results: list[ReplayResult]) -> dict[str, int]:
     """How the replayed decisions of recorded rollouts compare with what was recorded."""
-    out = {"rollouts": len(results), "agree": 0, "false_rollbacks": 0, "missed": 0, "undecided": 0}
+    out = {"rollouts": len(results), "agree": 0, "false_rollbacks": 0, "missed": 0, "undecided": 0, "other": 0}
     for r in results:
         recorded = {"promoted": "promote", "rolled_back": "rollback"}.get(r.timeline.recorded_status or "")
         if r.decision == "undecided":
             out["undecided"] += 1
+        elif recorded is None or r.decision == "ask":  # ended otherwise (a failed rollback), or a person decides
+            out["other"] += 1
         elif r.decision == recorded:
             out["agree"] += 1
         elif recorded == "promote" and r.decision == "rollback":

@@ -315,14 +315,41 @@ def slot_steps(start: datetime, end: datetime, slot: float) -> list[datetime]:
     return [start + timedelta(seconds=k * slot) for k in range(count + 1)]
 
 
-def slot_keys(t: MappedTable, start: datetime, end: datetime, slot: float, lead: int, dialect: str) -> dict[str, Any]:
+MAX_TREE_STEPS = 2048  # SQLite: more boundaries than this compile slowly (and hit its limit on bound values)
+
+
+def _epoch_us(value: ColumnElement, dialect: str) -> ColumnElement | None:
+    """Microseconds since the epoch, exactly, where the dialect can say (None elsewhere). SQLite:
+    the whole seconds of the text's first 19 characters plus its six digits of fraction."""
+    if dialect == "sqlite":
+        seconds = sa.cast(sa.func.strftime("%s", sa.func.substr(value, 1, 19)), sa.BigInteger)
+        fraction = sa.cast(sa.func.substr(value.concat("000000"), 21, 6), sa.BigInteger)
+        return seconds * 1_000_000 + fraction
+    if dialect == "postgresql":
+        return sa.cast(sa.extract("epoch", value) * 1_000_000, sa.BigInteger)
+    if dialect == "duckdb":
+        return sa.func.epoch_us(value)
+    return None
+
+
+def slot_keys(t: MappedTable, start: datetime, end: datetime, slot: int, lead: int, dialect: str) -> dict[str, Any]:
     """The time keys of a replay's cube (see :class:`mlcanary.analysis.LookCube`): ``ts_slot``, the
-    slot of the row, and ``label_slot``, the slot its label arrived by (the number of boundaries
-    before ``label_ts``), but never less than ``ts_slot + lead``."""
-    steps = slot_steps(start, end, slot)
-    row = step_index(t.col("ts"), steps) - 1
-    arrived = step_index(t.col("label_ts"), steps, below=True)
+    slot of the row, and ``label_slot``, the number of slot boundaries before its label arrived, but
+    never less than ``ts_slot + lead``. A CASE tree over the boundaries (one bound value each) where
+    they are few and the dialect has no exact epoch (SQLite runs the tree faster than its string
+    functions, up to thousands of slots), else integer arithmetic on the microseconds."""
     greatest = sa.func.max if dialect == "sqlite" else sa.func.greatest  # SQLite's two-argument max is scalar
+    steps = slot_steps(start, end, slot)
+    ts, label_ts = _epoch_us(t.col("ts"), dialect), _epoch_us(t.col("label_ts"), dialect)
+    if ts is None or label_ts is None or (dialect == "sqlite" and len(steps) <= MAX_TREE_STEPS):
+        row = step_index(t.col("ts"), steps) - 1
+        arrived = step_index(t.col("label_ts"), steps, below=True)
+    else:
+        width, origin = slot * 1_000_000, (start - datetime(1970, 1, 1)) // timedelta(microseconds=1)
+        since = ts - origin  # >= 0: the rows are those of [start, end)
+        row = sa.cast((since - since % width) // width, sa.BigInteger)  # exact multiples: no rounding anywhere
+        up = greatest(label_ts - origin, 0) + (width - 1)  # ceil(d / width): boundaries strictly before
+        arrived = sa.cast((up - up % width) // width, sa.BigInteger)
     return {"ts_slot": row, "label_slot": greatest(arrived, row + lead)}
 
 
