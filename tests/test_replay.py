@@ -84,7 +84,8 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> str:
         past = PastRollout(
             f"rollout__replay_ranker/manual__{version}", "replay_ranker", base, version, HELD, "promoted"
         )
-        simulate_rollout(engine, config, T0 + timedelta(hours=i), 60.0, past, lead=timedelta(minutes=2))
+        own = SimConfig(**{**config.__dict__, "seed": 10 + i})
+        simulate_rollout(engine, own, T0 + timedelta(hours=i), 60.0, past, lead=timedelta(minutes=2))
         base = version
     faulty = SimConfig(**{**config.__dict__, "seed": 2, "faults": [Fault("v3", "latency_ms", 300.0, min_percent=30)]})
     stages = [HELD[0], (30.0, timedelta(seconds=90))]
