@@ -29,7 +29,7 @@ def test_dagbag_loads_every_example_without_import_errors(monkeypatch: pytest.Mo
     bag = _bag(monkeypatch)
     assert bag.import_errors == {}
     expected = {f"rollout__{p.stem}" for p in (ROOT / "include/rollouts").glob("*.yaml")}
-    assert set(bag.dag_ids) == expected | {"mlcanary_watchdog"}
+    assert set(bag.dag_ids) == expected | {"mlcanary_watchdog", "posthoc__feed_ranker"}
     watchdog = bag.dags["mlcanary_watchdog"]
     assert not watchdog.is_paused_upon_creation and watchdog.max_active_runs == 1
 
@@ -58,7 +58,9 @@ def test_parsing_touches_no_database_or_network(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(sqlalchemy, "create_engine", refuse)
     monkeypatch.setattr("mlcanary.warehouse.engine.sa.create_engine", refuse)
     dags = build_dags(ROOT / "include" / "rollouts")
-    assert len(dags) == len(list((ROOT / "include/rollouts").glob("*.yaml")))
+    rollout_dags = [d for d in dags if d.startswith("rollout__")]
+    assert len(rollout_dags) == len(list((ROOT / "include/rollouts").glob("*.yaml")))
+    assert [d for d in dags if d.startswith("posthoc__")] == ["posthoc__feed_ranker"]  # the spec with `posthoc`
 
 
 def test_trigger_form_asks_for_candidate_baseline_dry_run_and_a_force_reason() -> None:
