@@ -128,11 +128,26 @@ def analyze(
     )
     score_edges = _score_edges(spec, edges)
     features = _histograms(conn, spec, baseline_version, canary_version, window, edges)
-    segments = queries.binned_frame(
+    segments = _sums(conn, spec, table, [baseline_version, canary_version], window, score_edges)
+    return evaluate(spec, baseline_version, canary_version, window, Aggregates(score_edges, features, segments))
+
+
+def _sums(
+    conn: Connection,
+    spec: RolloutSpec,
+    table: queries.MappedTable,
+    versions: list[str],
+    window: AnalysisWindow,
+    score_edges: list[float],
+    extra: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """The sums the spec's metrics need per version, segment and score bin (and ``extra`` keys)."""
+    a = spec.analysis
+    return queries.binned_frame(
         conn,
         table,
         spec.model,
-        [baseline_version, canary_version],
+        versions,
         window.start,
         window.end,
         window.label_asof,
@@ -141,8 +156,8 @@ def analyze(
         _measures(spec),
         sample_rows=a.edge_sample,
         max_values=a.max_segment_values,
+        extra=extra,
     )
-    return evaluate(spec, baseline_version, canary_version, window, Aggregates(score_edges, features, segments))
 
 
 def _table(spec: RolloutSpec) -> queries.MappedTable:
@@ -286,21 +301,9 @@ class LookCube:
                 conn, table, spec.model, baseline_version, start, end, _binned(spec, table), a.edge_sample
             )
             score_edges = _score_edges(spec, edges)
-            cube = queries.binned_frame(
-                conn,
-                table,
-                spec.model,
-                [baseline_version, canary_version],
-                start,
-                end,
-                end,
-                a.segments,
-                score_edges,
-                _measures(spec),
-                sample_rows=a.edge_sample,
-                max_values=a.max_segment_values,
-                extra=queries.slot_keys(table, start, end, slot, lead, conn.dialect.name),
-            )
+            keys = queries.slot_keys(table, start, end, slot, lead, conn.dialect.name)
+            span = AnalysisWindow(start, end, end)
+            cube = _sums(conn, spec, table, [baseline_version, canary_version], span, score_edges, keys)
         return cls(engine, start, slot, score_edges, edges, cube, _measures(spec))
 
     def _index(self, t: datetime) -> int:
