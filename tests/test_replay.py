@@ -22,7 +22,7 @@ import yaml
 
 from conftest import base_spec
 from mlcanary import replay as replays
-from mlcanary.analysis import AnalysisWindow, LookCube
+from mlcanary.analysis import AnalysisWindow, LookCube, analyze
 from mlcanary.simulator import Fault, PastRollout, SimConfig, simulate_rollout
 from mlcanary.spec import RolloutSpec, parse_spec
 from mlcanary.tables import predictions_table
@@ -325,3 +325,22 @@ def test_a_rollout_recorded_by_its_dag_replays_to_its_own_decision(
     lax_guardrails = {**base_spec()["guardrails"], "p99_latency_ms_max": 2000}
     lax = parse_spec(base_spec(analysis=E2E_ANALYSIS, policies=E2E_POLICIES, guardrails=lax_guardrails))
     assert "p99_latency_ms" not in replays.replay(engine, lax, timeline).stages[1].first_failures
+
+
+def test_the_cubes_fixed_bin_edges_move_auc_only_in_the_third_decimal(recorded: str) -> None:
+    """The cube bins the score once for the whole span; a live look bins it by its own window's
+    baseline quantiles. Counts and rates are the same; AUC differs by the binning only."""
+    engine = make_engine(recorded)
+    spec = _spec(
+        **{"analysis.metrics": [{"name": "ctr", "tolerance": 0.3}, {"name": "auc", "kind": "auc", "tolerance": 0.05}]}
+    )
+    start = T0 + timedelta(hours=1)
+    cube = LookCube.build(engine, spec, "v2", "v4", start, start + timedelta(minutes=20), 30)
+    window = AnalysisWindow(start + timedelta(minutes=5), start + timedelta(minutes=14), start + timedelta(minutes=15))
+    with engine.connect() as conn:
+        live = {c.check: c for c in analyze(conn, spec, "v2", "v4", window).checks if c.segment == "*"}
+    cubed = {c.check: c for c in cube.analyze(spec, "v2", "v4", window).checks if c.segment == "*"}
+    assert (cubed["ctr"].canary_n, cubed["ctr"].baseline_n) == (live["ctr"].canary_n, live["ctr"].baseline_n)
+    assert cubed["ctr"].canary_value == pytest.approx(live["ctr"].canary_value, rel=1e-12)
+    assert cubed["auc"].canary_value == pytest.approx(live["auc"].canary_value, abs=5e-3)
+    assert cubed["auc"].baseline_value == pytest.approx(live["auc"].baseline_value, abs=5e-3)

@@ -26,7 +26,7 @@ divisor of the guardrail interval, the analysis interval and window and the labe
 the usual specs), so it sees at most one slot less than the live look did. The score's bin edges,
 the segment values kept and the drift features' edges are taken once, from the baseline's most
 recent rows of the replayed span, where the live looks take them per look: counts, rates and means
-are the live ones exactly, AUC, ECE, precision/recall and drift differ in the third decimal. The
+are the live ones exactly; AUC, ECE, precision/recall and drift differ a little (AUC by 1e-4, ECE by 0.01). The
 polls are at their exact moments; a stage's request counts run on from poll to poll
 (:class:`_RunningCounts`).
 """
