@@ -190,6 +190,9 @@ def test_command_line_replays_one_rollout_and_counts_false_rollbacks(recorded: s
     assert found["replayed"]["decision"] == "rollback"
     assert found["recorded"]["status"] == "rolled_back"
     assert found["stages"][1]["first_failures"]["p99_latency_ms"]
+    text = _mlcanary("replay", "--spec", str(spec_file), "--warehouse", recorded, "--rollout", INCIDENT)
+    assert "p99_latency_ms: first failed at 2026-11-20 15:05:30 (30 s into the stage)" in text.stdout
+    assert "this spec decides 1 min before the recorded end" in text.stdout  # recorded 90 s into stage 2
     # A P99 limit below this model's normal P99 (about 135 ms) rolls back every healthy rollout at stage 1.
     strict = tmp_path / "strict.yaml"
     strict.write_text(yaml.safe_dump({**SPEC, "guardrails": {**SPEC["guardrails"], "p99_latency_ms_max": 100}}))

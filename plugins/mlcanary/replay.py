@@ -566,4 +566,8 @@ def describe(result: ReplayResult) -> list[str]:
         + ("" if spent is None else f" at {_clock(result.decided_at)}, {took(spent)} after the start")
         + f": {result.reason}"
     )
+    if t.recorded_at is not None and result.decided_at is not None:
+        gap = t.recorded_at - result.decided_at
+        when = "at the same moment as" if not gap else f"{took(abs(gap))} {'before' if gap > timedelta(0) else 'after'}"
+        lines.append(f"this spec decides {when} the recorded end")
     return lines
