@@ -203,6 +203,22 @@ def test_command_line_replays_one_rollout_and_counts_false_rollbacks(recorded: s
         assert f"rollout__replay_ranker/manual__{version}" in table.stdout
     usage = _mlcanary("replay", "--spec", str(spec_file), "--warehouse", recorded)
     assert usage.returncode == 2 and "give --rollout ID" in usage.stderr
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**SPEC, "model": "another-model"}))
+    wrong = _mlcanary("replay", "--spec", str(other), "--warehouse", recorded, "--rollout", INCIDENT)
+    assert wrong.returncode == 2 and "rolled out model 'replay-ranker'" in wrong.stderr
+    backwards = [
+        "--baseline-version",
+        "v1",
+        "--canary-version",
+        "v2",
+        "--start",
+        "2026-11-20T12:00",
+        "--end",
+        "2026-11-20T11:00",
+    ]
+    late = _mlcanary("replay", "--spec", str(spec_file), "--warehouse", recorded, *backwards)
+    assert late.returncode == 2 and "must be after the start" in late.stderr
 
 
 # --- the cube and the slot counts against scans of each window ----------------------------------
