@@ -47,11 +47,10 @@ def rollout_id_of(context: Context) -> str:
     return f"{context['dag'].dag_id}/{context['run_id']}"
 
 
-class RolloutTaskMixin:
-    """What every rollout task needs: its spec, the warehouse, the router and its rollout."""
+class SpecTaskMixin:
+    """A task of a spec's DAG: its spec (passed as data) and the warehouse."""
 
     spec_data: dict[str, Any]
-    log: Any  # the operator's logger
 
     @cached_property
     def spec(self) -> RolloutSpec:
@@ -60,6 +59,12 @@ class RolloutTaskMixin:
     @cached_property
     def engine(self) -> Engine:
         return WarehouseHook(self.spec.warehouse.conn_id).get_engine()
+
+
+class RolloutTaskMixin(SpecTaskMixin):
+    """What every rollout task needs: its spec, the warehouse, the router and its rollout."""
+
+    log: Any  # the operator's logger
 
     @cached_property
     def router(self) -> Router:

@@ -18,18 +18,16 @@ without one has no window.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.sensors.time_delta import TimeDeltaSensor
 from airflow.sdk import DAG, BaseOperator, Context, CronDataIntervalTimetable, Param
 from airflow.sdk.exceptions import AirflowFailException
-from sqlalchemy.engine import Engine
 
 from mlcanary import posthoc
 from mlcanary.spec import VERSION_PATTERN, RolloutSpec, show_duration
-from mlcanary_airflow.hooks import WarehouseHook
+from mlcanary_airflow.operators import SpecTaskMixin
 
 RUN_TYPES = ["scheduled", "backfill", "manual"]
 
@@ -55,7 +53,7 @@ class LabelsCompleteSensor(TimeDeltaSensor):
         return super().execute(context)
 
 
-class PosthocAnalysisOperator(BaseOperator):
+class PosthocAnalysisOperator(SpecTaskMixin, BaseOperator):
     """The slow analysis of the run's data interval, for the versions that served in it, stored once."""
 
     def __init__(self, *, spec: dict[str, Any], **kwargs: Any) -> None:
@@ -63,14 +61,6 @@ class PosthocAnalysisOperator(BaseOperator):
         kwargs.setdefault("retry_delay", timedelta(seconds=30))
         super().__init__(**kwargs)
         self.spec_data = spec
-
-    @cached_property
-    def spec(self) -> RolloutSpec:
-        return RolloutSpec.model_validate(self.spec_data)
-
-    @cached_property
-    def engine(self) -> Engine:
-        return WarehouseHook(self.spec.warehouse.conn_id).get_engine()
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         start, end = window_of(context)
@@ -102,22 +92,14 @@ class PosthocAnalysisOperator(BaseOperator):
         ]
 
 
+def _version(title: str, empty: str) -> Param:
+    return Param(None, type=["null", "string"], pattern=VERSION_PATTERN, title=title, description=f"Empty: {empty}.")
+
+
 def _params() -> dict[str, Param]:
     return {
-        "baseline_version": Param(
-            None,
-            type=["null", "string"],
-            pattern=VERSION_PATTERN,
-            title="Baseline version",
-            description="Empty: the baseline the traffic history shows serving in the window.",
-        ),
-        "canary_version": Param(
-            None,
-            type=["null", "string"],
-            pattern=VERSION_PATTERN,
-            title="Canary version",
-            description="Empty: every canary the traffic history shows serving in the window.",
-        ),
+        "baseline_version": _version("Baseline version", "the baseline the traffic history shows in the window"),
+        "canary_version": _version("Canary version", "every canary the traffic history shows in the window"),
     }
 
 
