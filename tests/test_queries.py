@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from mlcanary.warehouse.queries import (
     OVERALL,
     Requests,
     bin_index,
-    binned_aggregates,
+    binned_frame,
     latency_quantile,
     mapped_table,
     quantile_edges,
@@ -65,6 +66,10 @@ def _frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
             "success": (rng.uniform(size=n) > 0.05).astype(int),
         }
     )
+
+
+def _records(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    return list(binned_frame(*args, **kwargs).to_dict("records"))
 
 
 def _load(eng: sa.Engine, df: pd.DataFrame) -> None:
@@ -119,8 +124,8 @@ def test_binned_aggregates_match_a_pandas_groupby(any_engine: sa.Engine) -> None
     start, end, asof = T0, T0 + timedelta(seconds=400), T0 + timedelta(seconds=420)
     edges, f_edges = [0.2, 0.5, 0.9], [-1.0, 0.0, 1.0]
     with any_engine.connect() as conn:
-        got = binned_aggregates(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges)
-        only_y = binned_aggregates(conn, t, "m", ["v1", "v2"], start, end, asof, [], edges, ["y"])
+        got = _records(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges)
+        only_y = _records(conn, t, "m", ["v1", "v2"], start, end, asof, [], edges, ["y"])
         wanted = {"f1": (t.col("f1"), f_edges), "score": (t.col("score"), edges)}
         hists = sample_histograms(conn, t, "m", ["v1", "v2"], start, end, wanted, 100_000)
         recent = sample_histograms(conn, t, "m", ["v1", "v2"], start, end, wanted, 50)
@@ -171,17 +176,11 @@ def test_a_sliced_scan_sums_to_the_single_scan(any_engine: sa.Engine) -> None:
         return {(r["version"], r["column"], r["value"], r["bin"]): r for r in rows}
 
     with any_engine.connect() as conn:
-        whole = by_key(
-            binned_aggregates(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges, slices=1)
-        )
-        sliced = by_key(
-            binned_aggregates(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges, slices=3)
-        )
+        whole = by_key(_records(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges, slices=1))
+        sliced = by_key(_records(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges, slices=3))
         # SQLite numbers the segment values from a sample: one that misses a value takes another scan
         few = by_key(
-            binned_aggregates(
-                conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges, slices=2, sample_rows=2
-            )
+            _records(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges, slices=2, sample_rows=2)
         )
         automatic = scan_slices(conn)
     assert sum(r["n"] for k, r in whole.items() if k[1] == OVERALL) == df.label.notna().sum()
@@ -258,7 +257,7 @@ def test_a_high_cardinality_segment_is_capped_into_one_other_segment(any_engine:
     t = mapped_table("predictions", None, COLUMNS, extra=["region"])
     start, end, asof = T0 - timedelta(hours=1), T0 + timedelta(seconds=600), T0 + timedelta(hours=1)
     with any_engine.connect() as conn:
-        rows = binned_aggregates(
+        rows = _records(
             conn,
             t,
             "m",

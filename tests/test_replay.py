@@ -207,6 +207,11 @@ def test_command_line_replays_one_rollout_and_counts_false_rollbacks(recorded: s
     other.write_text(yaml.safe_dump({**SPEC, "model": "another-model"}))
     wrong = _mlcanary("replay", "--spec", str(other), "--warehouse", recorded, "--rollout", INCIDENT)
     assert wrong.returncode == 2 and "rolled out model 'replay-ranker'" in wrong.stderr
+    # ... but --all-rollouts --model replays that model's rollouts under another spec's rules, on their own rows
+    every = ["--all-rollouts", "--model", "replay-ranker"]
+    theirs = _mlcanary("replay", "--spec", str(other), "--warehouse", recorded, *every)
+    assert theirs.returncode == 0, theirs.stderr
+    assert "4 rollouts of replay-ranker under replay_ranker: 4 decided alike" in theirs.stdout
     backwards = [
         "--baseline-version",
         "v1",

@@ -16,6 +16,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Engine
+
 from mlcanary import registry
 from mlcanary import replay as replays
 from mlcanary.analysis import AnalysisWindow, analyze
@@ -27,7 +29,7 @@ from mlcanary.routers.base import Split
 from mlcanary.routers.warehouse import WarehouseRouter
 from mlcanary.simulator import FAULT_KINDS, Fault, LiveSimulator, SimConfig, simulate_batch
 from mlcanary.sources import MetricSourceError, source_for
-from mlcanary.spec import VERSION_PATTERN, SpecError, load_spec, parse_duration, spec_files
+from mlcanary.spec import VERSION_PATTERN, RolloutSpec, SpecError, load_spec, parse_duration, spec_files
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import make_engine, naive_utc, utcnow
 from mlcanary.warehouse.schema import create_schema
@@ -250,7 +252,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_all(args: argparse.Namespace, spec: Any, engine: Any, say: Callable[[str], None]) -> int:
+def _replay_all(args: argparse.Namespace, spec: RolloutSpec, engine: Engine, say: Callable[[str], None]) -> int:
+    """Every ended rollout of ``--model`` (default: the spec's) replayed under ``spec``, as a table."""
     model = args.model or spec.model
     with engine.connect() as conn:
         ids = replays.recorded_rollouts(conn, model)

@@ -34,7 +34,7 @@ polls are at their exact moments; a stage's request counts run on from poll to p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -174,22 +174,19 @@ def recorded_timeline(conn: Connection, rollout_id: str) -> Timeline:
         .where(decisions.c.rollout_id == rollout_id, decisions.c.action == "advance", decisions.c.stage.is_not(None))
         .order_by(decisions.c.stage)
     ).all()
-    percents = {
-        int(note.split()[1].rstrip(":")): pct
-        for note, pct in conn.execute(
-            sa.select(traffic_history.c.note, traffic_history.c.to_percent).where(
-                traffic_history.c.rollout_id == rollout_id, traffic_history.c.note.like("stage %: canary to %")
-            )
-        )
-        if pct is not None and note.split()[1].rstrip(":").isdigit()
-    }
+    h = traffic_history.c
+    shares = conn.execute(  # the canary's share as each step of the rollout read it, oldest first
+        sa.select(h.applied_at, h.to_percent)
+        .where(h.rollout_id == rollout_id, h.to_percent.is_not(None))
+        .order_by(h.applied_at, h.id)
+    ).all()
     if not advances:
         raise ReplayError(f"{rollout_id} never moved traffic to its canary: there is nothing to replay")
     ended = row.ended_at or utcnow()  # a rollout still running: up to now
-    starts = [(int(stage), at) for stage, at in advances]
+    starts = [at for _, at in advances]
     stages = tuple(
-        RecordedStage(percents.get(stage, math.nan), at, starts[i + 1][1] if i + 1 < len(starts) else ended)
-        for i, (stage, at) in enumerate(starts)
+        RecordedStage(_share_at(shares, at), at, starts[i + 1] if i + 1 < len(starts) else ended)
+        for i, at in enumerate(starts)
     )
     return Timeline(
         model=row.model,
@@ -203,6 +200,13 @@ def recorded_timeline(conn: Connection, rollout_id: str) -> Timeline:
         recorded_reason=row.reason,
         recorded_at=row.ended_at,
     )
+
+
+def _share_at(shares: Sequence[sa.Row], at: datetime) -> float:
+    """The share in force when a stage's ``advance`` was decided: its step's history row, written
+    just before the decision in the same transaction (NaN: none recorded)."""
+    before = [row.to_percent for row in shares if row.applied_at <= at]
+    return float(before[-1]) if before else math.nan
 
 
 def planned_timeline(spec: RolloutSpec, baseline: str, canary: str, start: datetime, end: datetime) -> Timeline:
@@ -236,11 +240,7 @@ def slot_seconds(spec: RolloutSpec) -> int | None:
     spans = [s.total_seconds() for s in (g.interval, g.window, a.interval, a.window, a.label_delay)]
     if any(s != int(s) for s in spans):
         return None
-    whole = [int(s) for s in spans if s > 0]
-    step = 0
-    for s in whole:
-        step = math.gcd(step, s)
-    return max(1, step)
+    return max(1, math.gcd(*(int(s) for s in spans)))
 
 
 def _up(t: datetime, slot: int) -> datetime:
@@ -265,16 +265,14 @@ class _RunningCounts(WarehouseMetrics):
 
     def __init__(self, engine: Engine, spec: RolloutSpec) -> None:
         super().__init__(engine, spec)
-        self.since: dict[str, datetime] = {}
-        self.points: dict[str, dict[datetime, np.ndarray]] = {}  # per version: counts from since to each time
+        self.points: dict[str, dict[datetime, np.ndarray]] = {}  # per version: counts from the stage's start
 
     def _requests(self, conn: Connection, version: str, start: datetime, end: datetime) -> queries.Requests:
         points = self.points.setdefault(version, {})
         if start not in points:
             if points and start < max(points):  # a range that is not the stage's: count it as it is
                 return super()._requests(conn, version, start, end)
-            self.since[version], points = start, {start: np.zeros(4, dtype=np.int64)}  # a new stage
-            self.points[version] = points
+            points = self.points[version] = {start: np.zeros(4, dtype=np.int64)}  # a new stage
         if end not in points:
             last = max((t for t in points if t <= end), default=start)
             more = super()._requests(conn, version, last, end)
@@ -474,6 +472,8 @@ def replay(
 ) -> ReplayResult:
     """Re-run the decision sequence of ``spec`` over ``timeline``; nothing is written anywhere.
     ``reuse=False``: every poll and look scans its own window, as the live tasks do (for comparison)."""
+    if spec.model != timeline.model:  # another model's rollouts under this spec's rules: read their rows
+        spec = spec.model_copy(update={"model": timeline.model})
     run = _Replay(engine, spec, timeline, progress, reuse)
     stages: list[StageReplay] = []
     start = timeline.started_at

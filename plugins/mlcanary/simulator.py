@@ -237,15 +237,30 @@ def simulate_batch(
 ) -> int:
     """Write ``[start, end)`` at ``rate`` requests/s under a fixed ``split``; returns rows written."""
     gen = TrafficGenerator(config)
-    labels_asof = labels_asof or utcnow()
-    total = 0
-    t = start
-    chunk = timedelta(seconds=chunk_seconds)
+    return _write_span(engine, gen, split, start, end, rate, labels_asof or utcnow(), "b", chunk_seconds, progress)
+
+
+def _write_span(
+    engine: Engine,
+    gen: TrafficGenerator,
+    split: Split,
+    start: datetime,
+    end: datetime,
+    rate: float,
+    labels_asof: datetime,
+    prefix: str,
+    chunk_seconds: float = 60.0,
+    progress: Callable[[str], None] | None = None,
+    before: int = 0,
+) -> int:
+    """Write ``[start, end)`` chunk by chunk; returns the rows written (``before`` counts in the progress)."""
+    total, t, chunk = 0, start, timedelta(seconds=chunk_seconds)
     while t < end:
         t1 = min(t + chunk, end)
-        total += _write_tick(engine, gen, split, t, t1, rate, labels_asof, f"b{config.seed}-{t:%Y%m%d%H%M%S}-")[0]
+        ids = f"{prefix}{gen.config.seed}-{t:%Y%m%d%H%M%S}-"
+        total += _write_tick(engine, gen, split, t, t1, rate, labels_asof, ids)[0]
         if progress:
-            progress(f"{t1:%Y-%m-%d %H:%M:%S}  {total:,} rows")
+            progress(f"{t1:%Y-%m-%d %H:%M:%S}  {before + total:,} rows")
         t = t1
     return total
 
@@ -279,102 +294,53 @@ def simulate_rollout(
     the end. Labels arrive after the configured delay (all observed by now). Returns the end."""
     gen = TrafficGenerator(config)
     model, base, can = config.model, past.baseline_version, past.canary_version
-    t, total, labels_asof = start - lead, 0, utcnow()
-    spans = [(Split(model, base, None, 0.0), lead)]
-    spans += [(Split(model, base, can, pct), held) for pct, held in past.stages]
-    after = Split(model, can, None, 0.0) if past.status == "promoted" else Split(model, base, None, 0.0)
-    spans.append((after, lead))
+    promoted = past.status == "promoted"
+    labels_asof = utcnow()
+    stages = [(Split(model, base, can, pct), held) for pct, held in past.stages]
+    after = Split(model, can, None, 0.0) if promoted else Split(model, base, None, 0.0)
+    t, total = start - lead, 0
     history: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = [dict(action="start", stage=None, reason=f"{can} against {base}", at=start)]
+    decided = [dict(action="start", stage=None, reason=f"{can} against {base}", decided_at=start, decision_key="start")]
     previous = 0.0
-    for number, (split, held) in enumerate(spans):
-        t1 = t + held
-        if 0 < number <= len(past.stages):
-            history.append(
-                dict(
-                    from_percent=previous,
-                    to_percent=split.canary_percent,
-                    at=t,
-                    note=f"stage {number}: canary to {split.canary_percent:g} %",
-                )
+    for number, (split, held) in enumerate([(Split(model, base, None, 0.0), lead), *stages, (after, lead)]):
+        if number == len(stages) + 1:  # the end: the rollback or the promotion
+            ended, to, action = t, (100.0 if promoted else 0.0), ("promote" if promoted else "rollback")
+            history.append(dict(from_percent=previous, to_percent=to, applied_at=t, note=f"{past.status}: simulated"))
+            decided.append(
+                dict(action=action, stage=len(stages), reason=past.reason, decided_at=t, decision_key=action)
             )
-            events.append(
-                dict(
-                    action="advance",
-                    stage=number,
-                    reason=f"traffic to canary {split.canary_percent:g} %",
-                    at=t,
-                    key=f"advance:{number}",
-                )
+        elif number:
+            pct = split.canary_percent
+            note = f"stage {number}: canary to {pct:g} %"
+            history.append(dict(from_percent=previous, to_percent=pct, applied_at=t, note=note))
+            reason = f"traffic to canary {pct:g} %"
+            decided.append(
+                dict(action="advance", stage=number, reason=reason, decided_at=t, decision_key=f"advance:{number}")
             )
-            previous = split.canary_percent
-        elif number == len(spans) - 1:
-            to = 100.0 if past.status == "promoted" else 0.0
-            history.append(dict(from_percent=previous, to_percent=to, at=t, note=f"{past.status}: simulated"))
-            action = "promote" if past.status == "promoted" else "rollback"
-            events.append(dict(action=action, stage=len(past.stages), reason=past.reason, at=t, key=action))
-            ended = t
-        chunk = t
-        while chunk < t1:
-            step = min(chunk + timedelta(seconds=60), t1)
-            total += _write_tick(
-                engine, gen, split, chunk, step, rate, labels_asof, f"r{config.seed}-{chunk:%Y%m%d%H%M%S}-"
-            )[0]
-            chunk = step
-        if progress:
-            progress(f"{t1:%Y-%m-%d %H:%M:%S}  {total:,} rows")
-        t = t1
+            previous = pct
+        total += _write_span(engine, gen, split, t, t + held, rate, labels_asof, "r", progress=progress, before=total)
+        t += held
+    ours = dict(model=model, rollout_id=past.rollout_id)
     with engine.begin() as conn:
         conn.execute(
             sa.insert(rollouts).values(
-                rollout_id=past.rollout_id,
+                **ours,
                 spec_name=past.spec_name,
-                model=model,
                 baseline_version=base,
                 canary_version=can,
                 dry_run=False,
                 status=past.status,
-                stage_reached=len(past.stages),
-                canary_percent=100.0 if past.status == "promoted" else 0.0,
+                stage_reached=len(stages),
+                canary_percent=100.0 if promoted else 0.0,
                 started_at=start,
                 ended_at=ended,
                 reason=past.reason,
                 active_model=None,
             )
         )
-        conn.execute(
-            sa.insert(traffic_history),
-            [
-                dict(
-                    model=model,
-                    rollout_id=past.rollout_id,
-                    baseline_version=base,
-                    canary_version=can,
-                    from_percent=h["from_percent"],
-                    to_percent=h["to_percent"],
-                    applied=True,
-                    note=h["note"],
-                    applied_at=h["at"],
-                )
-                for h in history
-            ],
-        )
-        conn.execute(
-            sa.insert(decisions),
-            [
-                dict(
-                    rollout_id=past.rollout_id,
-                    model=model,
-                    stage=e["stage"],
-                    action=e["action"],
-                    verdict=None,
-                    reason=e["reason"],
-                    decided_at=e["at"],
-                    decision_key=e.get("key", e["action"]),
-                )
-                for e in events
-            ],
-        )
+        versions = dict(baseline_version=base, canary_version=can, applied=True)
+        conn.execute(sa.insert(traffic_history), [{**ours, **versions, **h} for h in history])
+        conn.execute(sa.insert(decisions), [{**ours, "verdict": None, **d} for d in decided])
     return t
 
 

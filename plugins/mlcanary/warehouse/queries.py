@@ -484,11 +484,6 @@ def binned_frame(
     return merged[[*keys_out, *BIN_MEASURES]]
 
 
-def binned_aggregates(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-    """:func:`binned_frame`'s rows as dicts."""
-    return list(binned_frame(*args, **kwargs).to_dict("records"))
-
-
 _UNSEEN = object()  # a segment value the codebook of packed keys does not have
 
 
@@ -624,7 +619,7 @@ MAX_SLICES = 8
 
 
 def scan_slices(conn: Connection) -> int:
-    """How many time slices :func:`binned_aggregates` runs at once on this connection's database.
+    """How many time slices :func:`binned_frame` runs at once on this connection's database.
 
     - SQLite runs a statement on one core: one slice per core of this machine (a file database only;
       an in-memory one is private to its connection).
