@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,16 +71,43 @@ def test_live_follows_the_routing_table_and_labels_arrive_later(engine: sa.Engin
     router.set_split(Split("m", "v1", "v2", 40.0), None)
     sim = LiveSimulator(engine, SimConfig(model="m", seed=1, label_delay=timedelta(seconds=2)), rate=2000)
     t0 = utcnow()
-    sim.step(t0, t0 + timedelta(seconds=1))
+    sim.step(t0, t0 + timedelta(seconds=1), router.get_split("m"))
     first = {r[0]: r for r in _summary(engine)}
     assert first["v2"][1] / (first["v1"][1] + first["v2"][1]) == pytest.approx(0.4, abs=0.05)
     assert sum(r[4] for r in first.values()) == 0  # no label has arrived yet
     router.set_split(Split("m", "v1", "v2", 0.0), None)
-    sim.step(t0 + timedelta(seconds=1), t0 + timedelta(seconds=4))
+    sim.step(t0 + timedelta(seconds=1), t0 + timedelta(seconds=4), router.get_split("m"))
     after = {r[0]: r for r in _summary(engine)}
     assert after["v2"][1] == first["v2"][1]  # at 0 % the canary gets nothing
     assert after["v2"][4] == first["v2"][1]  # ... and its labels have all arrived
     assert sim.labels_written >= first["v1"][1] + first["v2"][1]
+
+
+def test_no_row_is_stamped_with_a_split_before_it_was_set(engine: sa.Engine) -> None:
+    """Requests are routed as they arrive: a split change shows in rows stamped after it, never in
+    the rows of the tick already under way (a replay of the rollout would read those as the old stage's)."""
+    router = WarehouseRouter(engine)
+    router.set_split(Split("m", "v1", "v2", 0.0), None)
+    sim = LiveSimulator(engine, SimConfig(model="m", seed=1), rate=2000, tick=0.3, router=router)
+    thread = threading.Thread(target=sim.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while sim.rows_written == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.15)  # into a tick
+        before = utcnow()
+        router.set_split(Split("m", "v1", "v2", 40.0), None)
+        time.sleep(1.5)
+    finally:
+        sim.stop_event.set()
+        thread.join(timeout=10)
+    p = predictions.c
+    with engine.connect() as conn:
+        early = conn.execute(sa.select(sa.func.count()).where(p.model_version == "v2", p.ts < before)).scalar()
+        later = conn.execute(sa.select(sa.func.count()).where(p.model_version == "v2", p.ts >= before)).scalar()
+    assert early == 0
+    assert later > 0  # and it does follow the table
 
 
 def test_fault_parsing() -> None:

@@ -413,9 +413,9 @@ class LiveSimulator:
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._ticks = 0
 
-    def step(self, t0: datetime, t1: datetime) -> Split | None:
-        """Write the traffic of ``[t0, t1)`` and the labels that have arrived by ``t1``."""
-        split = self.router.get_split(self.config.model)
+    def step(self, t0: datetime, t1: datetime, split: Split | None) -> None:
+        """Write the traffic of ``[t0, t1)`` routed by ``split`` (None: nothing serves), and the labels
+        that have arrived by ``t1``."""
         if split is not None:
             self._ticks += 1
             prefix = f"l{self.config.seed}-{t0:%Y%m%d%H%M%S%f}-{self._ticks}-"
@@ -423,7 +423,6 @@ class LiveSimulator:
             self.rows_written += n
             self._pending.extend(pending)
         self._deliver_labels(t1)
-        return split
 
     def _deliver_labels(self, now: datetime) -> None:
         due_at = np.datetime64(now, "us")
@@ -459,9 +458,12 @@ class LiveSimulator:
         end = time.monotonic() + duration if duration else math.inf
         t0 = utcnow()
         while not self.stop_event.is_set() and time.monotonic() < end:
+            # requests are routed as they arrive: a tick's rows follow the split in force when it
+            # began, and a change shows from the next tick on (never in rows stamped before it)
+            split = self.router.get_split(self.config.model)
             self.stop_event.wait(self.tick)
             t1 = utcnow()
-            split = self.step(t0, t1)
+            self.step(t0, t1, split)
             if progress and split is not None:
                 progress(
                     f"{t1:%H:%M:%S} {self.rows_written:,} rows, {self.labels_written:,} labels; "
