@@ -740,6 +740,7 @@ def _drift_check(
         baseline_value=_finite(result.kl),
         gating=gating,
         required=False,
+        histogram=(ref.tolist(), cur.tolist()),
     )
     if min(ref.sum(), cur.sum()) < min_samples or not math.isfinite(result.psi):
         return CheckResult(

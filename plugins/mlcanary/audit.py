@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 import sqlalchemy as sa
@@ -46,6 +47,7 @@ def record_checks(
             verdict=c.verdict.value,
             reason=c.reason,
             measured_at=now,
+            histogram=None if c.histogram is None else json.dumps(dict(baseline=c.histogram[0], canary=c.histogram[1])),
         )
         for c in checks
     ]

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from mlcanary import registry
+from mlcanary import registry, report_page
 from mlcanary import replay as replays
 from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.audit import record_checks
@@ -33,6 +33,7 @@ from mlcanary.spec import VERSION_PATTERN, RolloutSpec, SpecError, load_spec, pa
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import make_engine, naive_utc, utcnow
 from mlcanary.warehouse.schema import create_schema
+from mlcanary.words import took
 
 EXIT_CODES = {Verdict.PASS: 0, Verdict.FAIL: 1, Verdict.INCONCLUSIVE: 3, Verdict.INVALID: 4}
 
@@ -189,7 +190,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.html and not args.rollout:
+        raise UsageError("--html writes one rollout's page: name it with --rollout ID")
     with _engine(args).connect() as conn:
+        if args.html:
+            data = report_page.load(conn, args.rollout)
+            if data is None:
+                raise UsageError(f"no rollout {args.rollout!r} in this warehouse (see `mlcanary report`)")
+            page = report_page.render(data)
+            out = Path(args.html)
+            try:
+                out.write_text(page, encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"cannot write {out}: {exc.strerror}") from exc
+            print(f"wrote {out} ({len(page.encode()) / 1024:,.0f} KB): open it in a browser")
+            return 0
         if args.rollout:
             report = rollout_report(conn, args.rollout)
             if report is None:
@@ -296,7 +311,7 @@ def _replay_all(args: argparse.Namespace, spec: RolloutSpec, engine: Engine, say
 
 
 def _after(at: datetime | None, start: datetime) -> str:
-    return "-" if at is None else replays.took(at - start)
+    return "-" if at is None else took(at - start)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -476,6 +491,7 @@ def build_parser(extend: Callable[[Commands], None] | None = None) -> argparse.A
     p.add_argument("--model")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--html", metavar="FILE", help="with --rollout: write the report page (plots included) to FILE")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

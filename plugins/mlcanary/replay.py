@@ -54,6 +54,7 @@ from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import decisions, rollouts, traffic_history
 from mlcanary.watch import End, Ended, WatchState, after_poll, past_deadline
 from mlcanary.watch import after_look as watch_after_look
+from mlcanary.words import took
 
 EPOCH = datetime(1970, 1, 1)
 
@@ -527,15 +528,6 @@ def compare(results: list[ReplayResult]) -> dict[str, int]:
         elif recorded == "rollback" and r.decision == "promote":
             out["missed"] += 1
     return out
-
-
-def took(span: timedelta) -> str:
-    """``39 min 30 s``, ``2 h 5 min``, ``12 s``: a duration for people."""
-    seconds = round(span.total_seconds())
-    h, rest = divmod(abs(seconds), 3600)
-    m, sec = divmod(rest, 60)
-    parts = [f"{h} h"] * bool(h) + [f"{m} min"] * bool(m) + [f"{sec} s"] * bool(sec and not h)
-    return ("-" if seconds < 0 else "") + (" ".join(parts) or "0 s")
 
 
 def _clock(at: datetime | None) -> str:

@@ -36,6 +36,7 @@ class CheckResult:
     ci_high: float | None = None
     gating: bool = True  # a FAIL of this check stops the rollout
     required: bool = True  # this check must PASS for the whole result to PASS
+    histogram: tuple[list[float], list[float]] | None = None  # drift: (baseline, canary) counts per bin
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

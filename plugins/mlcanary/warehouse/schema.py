@@ -134,6 +134,7 @@ measurements = sa.Table(
     sa.Column("verdict", sa.String(16), nullable=False),
     sa.Column("reason", RedactedText, nullable=False),
     sa.Column("measured_at", sa.DateTime, nullable=False),
+    sa.Column("histogram", sa.Text),  # drift checks: JSON {"baseline": [...], "canary": [...]}, counts per bin
 )
 
 decisions = sa.Table(
