@@ -268,7 +268,11 @@ def drift_plots(data: PageData) -> list[str]:
         psi = "-" if m.canary_value is None else f"{m.canary_value:.3f}"
         out.append(
             PairedBars(
-                f"{what}: {m.verdict}, PSI {psi}", h["baseline"], h["canary"], "bins (baseline quantiles)"
+                f"{what}: {m.verdict}, PSI {psi}",
+                h["baseline"],
+                h["canary"],
+                "bins (baseline quantiles)",
+                (data.rollout.baseline_version, data.rollout.canary_version),
             ).render()
         )
     return out

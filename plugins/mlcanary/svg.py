@@ -226,8 +226,9 @@ class PairedBars:
     baseline: Sequence[float]
     canary: Sequence[float]
     x_label: str
-    width: int = 370
-    height: int = 180
+    names: tuple[str, str] = ("baseline", "canary")
+    width: int = 340
+    height: int = 200
 
     def render(self) -> str:
         b_total, c_total = sum(self.baseline) or 1.0, sum(self.canary) or 1.0
@@ -235,7 +236,7 @@ class PairedBars:
         c = [v / c_total for v in self.canary]
         if not b:
             return _empty(self.title, self.width)
-        left, top, bottom, right = 44, 28, 34, 8
+        left, top, bottom, right = 44, 42, 34, 8
         w, h = self.width - left - right, self.height - top - bottom
         hi = max(b + c) * 1.1 or 1.0
         slot = w / len(b)
@@ -258,6 +259,12 @@ class PairedBars:
         out.append(
             f'<text x="{left + w / 2:.0f}" y="{self.height - 8}" text-anchor="middle">{escape(self.x_label)}</text>'
         )
+        for j, (name, arm) in enumerate(zip(self.names, ("baseline", "canary"), strict=True)):  # the legend
+            x = left + j * 110
+            out.append(
+                f'<rect x="{x}" y="23" width="10" height="10" fill="{COLOURS[arm]}"/>'
+                f'<text x="{x + 14}" y="32">{escape(_clip(name, 14))}</text>'
+            )
         out.append("</svg>")
         return "".join(out)
 
