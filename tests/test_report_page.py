@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlcanary import report_page, rollout_metrics
+from mlcanary.spec import parse_spec
 from mlcanary.svg import number
 from mlcanary.warehouse.engine import make_engine
 from mlcanary.warehouse.schema import decisions, measurements, rollouts, traffic_history
@@ -330,3 +332,26 @@ def test_a_rollout_without_measurements_shows_what_it_has(recorded: dict[str, An
     page = _page(url, recorded["rollout_id"])
     assert "No guardrail poll recorded." in page and "No analysis look recorded." in page
     assert "<svg" in _section(page, "traffic")
+
+
+def test_the_posthoc_page_plots_each_metric_per_window(api: Any, recorded: dict[str, Any]) -> None:
+    """A post-hoc DAG's windows (analysed by the post-hoc code itself) as a time series and a table."""
+    from mlcanary import posthoc
+
+    engine = make_engine(recorded["url"])
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(rollouts).where(rollouts.c.rollout_id == recorded["rollout_id"])).one()
+    spec = parse_spec(json.loads(row.spec))
+    starts = [row.started_at + timedelta(seconds=3 * i) for i in range(3)]
+    for start in starts:
+        posthoc.analyse_window(engine, spec, start, start + timedelta(seconds=3), "v1", "v2", run_id="test")
+    page = api.get(f"/mlcanary/posthoc/posthoc__{spec.name}", headers=_token(api)).text
+    with engine.connect() as conn:
+        stored = posthoc.results(conn, spec.name)
+    assert len(stored) >= 3
+    table = page.split('<table class="posthoc">')[1]
+    assert table.count("<tr>") == len(stored) + 1
+    for start in starts:
+        assert f"{start:%Y-%m-%d %H:%M}" in table
+    assert [r.status for r in stored] == ["analysed"] * len(stored)  # both versions served in each window
+    assert "ctr: canary / baseline per window" in page  # ... so each has a ratio on the metric's line

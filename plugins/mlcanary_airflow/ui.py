@@ -28,7 +28,7 @@ from fastapi import Depends, FastAPI, Response
 from fastapi.responses import HTMLResponse
 from sqlalchemy.engine import Engine
 
-from mlcanary import report_page, rollout_metrics
+from mlcanary import posthoc, report_page, rollout_metrics
 from mlcanary.spec import load_specs
 from mlcanary.warehouse.schema import posthoc_results, rollouts
 from mlcanary_airflow.hooks import WarehouseHook
@@ -119,18 +119,14 @@ def rollouts_list(user: GetUserDep, model: str | None = None, limit: int = 50) -
 
 
 @app.get("/posthoc/{dag_id}", response_class=HTMLResponse, dependencies=[ReadDag])
-def posthoc(dag_id: str) -> HTMLResponse:
+def posthoc_windows(dag_id: str) -> HTMLResponse:
     """A post-hoc DAG's windows (``posthoc__<spec name>``) with each metric over time."""
     name = dag_id.removeprefix("posthoc__")
     found: list[Any] = []
     for engine in warehouses():
         with engine.connect() as conn:
             if sa.inspect(conn).has_table(posthoc_results.name):
-                found += conn.execute(
-                    sa.select(posthoc_results)
-                    .where(posthoc_results.c.spec_name == name)
-                    .order_by(posthoc_results.c.window_start)
-                ).all()
+                found += posthoc.results(conn, name)
     return _html(report_page.posthoc_page(name, found))
 
 
