@@ -301,7 +301,7 @@ def test_the_plugin_serves_the_report_the_list_and_the_metrics(api: Any, recorde
     assert escape(recorded["reason"]) in page.text and "<svg" in page.text
     listing = api.get("/mlcanary/rollouts", headers=auth).text
     assert '<table class="rollouts">' in listing and "v1 → v2" in listing
-    assert f"/dags/{dag_id}/runs/{quote(run_id)}/plugin/rollout_report" in listing
+    assert f'href="/mlcanary/report/{dag_id}/{quote(run_id, safe="")}"' in listing  # opens in the same frame
     missing = api.get(f"/mlcanary/report/{dag_id}/manual__never", headers=auth)
     assert missing.status_code == 404 and "No rollout" in missing.text and "<html" in missing.text
     metrics = api.get("/mlcanary/metrics", headers=auth)

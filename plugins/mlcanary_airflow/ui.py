@@ -64,9 +64,11 @@ def warehouses() -> Iterator[Engine]:
         yield _engines[url]
 
 
-def _tab(dag_id: str, run_id: str) -> str:
-    """A run's report tab, relative to the UI (the page itself sits in the tab's frame)."""
-    return f"/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}/plugin/{TAB_ROUTE}"
+def _page(rollout_id: str) -> str:
+    """A rollout's report page. The pages are shown in the UI's frames, which Airflow sandboxes
+    without top navigation: links open the page in the same frame."""
+    dag_id, run_id = rollout_id.split("/", 1)
+    return f"{APP_PREFIX}/report/{quote(dag_id, safe='')}/{quote(run_id, safe='')}"
 
 
 def _html(page: str) -> HTMLResponse:
@@ -87,7 +89,7 @@ def report(dag_id: str, run_id: str) -> HTMLResponse:
                 continue
             data = report_page.load(conn, rollout_id)
         if data is not None:
-            return _html(report_page.render(data, links={"all rollouts": f"/plugin/{NAV_ROUTE}"}))
+            return _html(report_page.render(data, links={"all rollouts": f"{APP_PREFIX}/rollouts"}))
     return HTMLResponse(
         report_page.missing_page(
             f"No rollout {rollout_id} in the specs' warehouses: this run has not started its rollout yet "
@@ -115,7 +117,7 @@ def rollouts_list(user: GetUserDep, model: str | None = None, limit: int = 50) -
     allowed = get_auth_manager().filter_authorized_dag_ids(dag_ids=dag_ids, user=user)
     rows = [r for r in rows if r.rollout_id.split("/", 1)[0] in allowed]
     rows.sort(key=lambda r: r.started_at, reverse=True)
-    return _html(report_page.rollouts_page(rows, lambda r: _tab(*r.rollout_id.split("/", 1))))
+    return _html(report_page.rollouts_page(rows, lambda r: _page(r.rollout_id)))
 
 
 @app.get("/posthoc/{dag_id}", response_class=HTMLResponse, dependencies=[ReadDag])
