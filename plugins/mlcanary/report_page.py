@@ -43,6 +43,7 @@ class PageData:
     guardrails: list[sa.Row]  # every poll's checks, oldest first
     analysis: list[sa.Row]  # the newest analysis look's checks
     looks: int  # analysis looks recorded
+    trend: list[sa.Row]  # every look's overall check of each metric, oldest first
 
 
 def load(conn: Connection, rollout_id: str) -> PageData | None:
@@ -80,6 +81,13 @@ def load(conn: Connection, rollout_id: str) -> PageData | None:
         ),
         analysis=list(
             conn.execute(sa.select(*cols).where(mine, m.tier == "analysis", m.measured_at == last_look).order_by(m.id))
+        ),
+        trend=list(
+            conn.execute(
+                sa.select(*cols)
+                .where(mine, m.tier == "analysis", m.segment == "*", m.ci_low.is_not(None))
+                .order_by(m.measured_at, m.id)
+            )
         ),
         looks=int(
             conn.execute(
@@ -191,6 +199,7 @@ def guardrail_charts(data: PageData) -> list[str]:
 class MetricView:
     name: str
     plot: str
+    trend: str  # the overall effect look by look (empty: fewer than two looks compared)
     verdict: str
     reason: str
 
@@ -254,8 +263,33 @@ def metric_views(data: PageData) -> list[MetricView]:
             tolerance=tolerance,
             axis_label=what + (f" ({metric.kind})" if metric else ""),
         ).render()
-        out.append(MetricView(name, plot, overall.verdict, overall.reason))
+        out.append(MetricView(name, plot, _trend(data, name, metric, tolerance), overall.verdict, overall.reason))
     return out
+
+
+def _trend(data: PageData, name: str, metric: MetricSpec | None, tolerance: float | None) -> str:
+    """The overall effect and its interval at each look that compared, against the tolerance."""
+    rows = [m for m in data.trend if m.check_name == name]
+    if len(rows) < 2:
+        return ""
+    points = [(m.measured_at, _point(metric, m)) for m in rows]
+    limits = [] if tolerance is None else [(tolerance, f"tolerance {tolerance:.3g}")]
+    marks = [
+        (m.measured_at, p, COLOURS.get(m.verdict, "#777"), f"{m.verdict}: {m.reason}")
+        for m, (_, p) in zip(rows, points, strict=True)
+        if p is not None
+    ]
+    return TimeChart(
+        f"{name}, overall, look by look",
+        [
+            Series("effect", [(t, p) for t, p in points if p is not None], COLOURS["canary"], marks=marks),
+            Series("interval", [(m.measured_at, m.ci_low) for m in rows], "#bbbbbb"),
+            Series("", [(m.measured_at, m.ci_high) for m in rows], "#bbbbbb"),
+        ],
+        limits=limits,
+        reference=1.0 if metric is None or metric.relative else 0.0,
+        height=180,
+    ).render()
 
 
 def drift_plots(data: PageData) -> list[str]:
@@ -301,7 +335,7 @@ def render(data: PageData, *, links: dict[str, str] | None = None, now: Callable
         history=data.history,
         guardrails=[svg(x) for x in guardrail_charts(data)],
         polls=len({m.measured_at for m in data.guardrails}),
-        metrics=[(v.name, svg(v.plot), v.verdict, v.reason) for v in metric_views(data)],
+        metrics=[(v.name, svg(v.plot), svg(v.trend), v.verdict, v.reason) for v in metric_views(data)],
         drift=[svg(x) for x in drift_plots(data)],
         others=other_checks(data),
         looks=data.looks,
@@ -334,7 +368,7 @@ def posthoc_page(spec_name: str, rows: Sequence[sa.Row]) -> str:
             TimeChart(
                 f"{name}: canary / baseline per window",
                 [Series(name, pts, COLOURS["canary"])],
-                limits=[(1.0, "no change")],
+                reference=1.0,
             ).render()
         )
         for name, pts in series.items()

@@ -287,8 +287,11 @@ def stage_started_at(conn: Connection, rollout_id: str, stage: int) -> datetime 
     ).scalar_one_or_none()
 
 
-def promote(engine: Engine, router: Router, ref: RolloutRef, reason: str) -> Split:
-    """Canary to 100 %, then make it the model's baseline (the registry's too)."""
+def promote(
+    engine: Engine, router: Router, ref: RolloutRef, reason: str, verdict: Verdict | None = Verdict.PASS
+) -> Split:
+    """Canary to 100 %, then make it the model's baseline (the registry's too). ``verdict`` is the
+    decision's: PASS for a final analysis that passed, None for a person's choice (not a verdict)."""
     full = Split(ref.model, ref.baseline_version, ref.canary_version, 100.0)
 
     def at_full(conn: Connection, decide: _Decide) -> None:
@@ -298,7 +301,7 @@ def promote(engine: Engine, router: Router, ref: RolloutRef, reason: str) -> Spl
 
     def promoted(conn: Connection, decide: _Decide) -> None:
         _while_running(conn, ref, status=Status.PROMOTED.value, canary_percent=100.0, reason=reason, ended_at=utcnow())
-        decide("promote", reason, verdict=Verdict.PASS, key="promote")
+        decide("promote", reason, verdict=verdict, key="promote")
         if not ref.dry_run:
             registry.promote(conn, ref.model, ref.canary_version, ref.rollout_id)
 

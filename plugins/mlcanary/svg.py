@@ -50,6 +50,7 @@ class TimeChart:
     series: list[Series]
     y_label: str = ""
     limits: list[tuple[float, str]] = field(default_factory=list)  # (y, label): dashed lines
+    reference: float | None = None  # a solid line: "no change"
     events: list[Event] = field(default_factory=list)
     width: int = 1040
     height: int = 220
@@ -59,6 +60,7 @@ class TimeChart:
     def render(self) -> str:
         xs = [x for s in self.series for x, _ in s.points] + [e.at for e in self.events]
         ys = [y for s in self.series for _, y in s.points if math.isfinite(y)] + [y for y, _ in self.limits]
+        ys += [] if self.reference is None else [self.reference]
         if not xs or not ys:
             return _empty(self.title, self.width)
         left, right, top, bottom = 64, 150, 28, 36
@@ -100,14 +102,20 @@ class TimeChart:
                 f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + h}" stroke="{e.colour}" '
                 f'stroke-dasharray="2 3"><title>{escape(e.label)}</title></line>'
             )
+        if self.reference is not None:
+            out.append(
+                f'<line x1="{left}" x2="{left + w}" y1="{py(self.reference):.1f}" y2="{py(self.reference):.1f}" '
+                'stroke="#333" stroke-width="1"><title>no change</title></line>'
+            )
         for y, label in self.limits:
             out.append(
                 f'<line x1="{left}" x2="{left + w}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="{COLOURS["limit"]}" '
                 f'stroke-dasharray="6 4"><title>{escape(label)}</title></line>'
             )
-        legend = [(s.label, s.colour, False) for s in self.series] + [
+        legend = [(s.label, s.colour, False) for s in self.series if s.label] + [
             (lab, COLOURS["limit"], True) for _, lab in self.limits
         ]
+        legend += [] if self.reference is None else [("no change", "#333", False)]
         for s in self.series:
             pts = [(px(x), py(y)) for x, y in s.points if math.isfinite(y)]
             if s.step and pts:
