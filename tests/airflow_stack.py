@@ -47,8 +47,13 @@ def free_port() -> int:
 
 
 class AirflowStack:
-    def __init__(self, home: Path, spec_dir: Path, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self, home: Path, spec_dir: Path, extra_env: dict[str, str], credentials: tuple[str, str] | None = None
+    ) -> None:
+        """``credentials`` (user, password): log in with them (``POST /auth/token``), for a stack whose
+        ``extra_env`` turns off the simple auth manager's all-admins mode; without, ``GET /auth/token``."""
         self.home, self.spec_dir = home, spec_dir
+        self.credentials = credentials
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -102,10 +107,21 @@ class AirflowStack:
             time.sleep(1)
         else:
             raise RuntimeError(f"Airflow did not come up in {timeout:.0f} s: see the logs in {self.home}")
-        token = httpx.get(f"{self.url}/auth/token", timeout=10).json()["access_token"]
         self.client = httpx.Client(
-            base_url=f"{self.url}/api/v2", headers={"Authorization": f"Bearer {token}"}, timeout=30
+            base_url=f"{self.url}/api/v2", headers={"Authorization": f"Bearer {self.token()}"}, timeout=30
         )
+
+    def token(self) -> str:
+        """A new JWT for the REST API: the all-admins one, or the one of ``credentials``."""
+        if self.credentials is None:
+            response = httpx.get(f"{self.url}/auth/token", timeout=10)
+        else:
+            username, password = self.credentials
+            response = httpx.post(
+                f"{self.url}/auth/token", json={"username": username, "password": password}, timeout=10
+            )
+        response.raise_for_status()
+        return str(response.json()["access_token"])
 
     def _launch(self, name: str) -> None:
         log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -136,6 +138,22 @@ def serve(folder: Path, end: datetime, minutes: int = 30) -> Iterator[str]:
     )
     config = folder / "prometheus.yml"
     config.write_text("global:\n  evaluation_interval: 1m\nscrape_configs: []\n")
+    yield from _run(prometheus, config, tsdb)
+
+
+def scrape(folder: Path, jobs: list[dict[str, Any]], interval: str = "1s") -> Iterator[str]:
+    """Start an empty Prometheus that scrapes ``jobs`` (Prometheus ``scrape_configs`` entries) every
+    ``interval``; yield its URL; stop it afterwards."""
+    found = binaries()
+    assert found is not None
+    config = folder / "prometheus.yml"
+    settings = {"global": {"scrape_interval": interval, "evaluation_interval": "1m"}, "scrape_configs": jobs}
+    config.write_text(json.dumps(settings, indent=2))  # JSON is YAML
+    yield from _run(found[0], config, folder / "tsdb")
+
+
+def _run(prometheus: Path, config: Path, tsdb: Path) -> Iterator[str]:
+    folder = config.parent
     port = _free_port()
     log = (folder / "prometheus.log").open("w")
     proc = subprocess.Popen(

@@ -25,7 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mlcanary import report_page, rollout_metrics
 from mlcanary.spec import parse_spec
-from mlcanary.svg import number
 from mlcanary.warehouse.engine import make_engine
 from mlcanary.warehouse.schema import decisions, measurements, rollouts, traffic_history
 from rollout_runner import E2E_ANALYSIS, E2E_POLICIES, run_rollout
@@ -131,7 +130,7 @@ def test_the_forest_plot_draws_each_checks_recorded_interval(recorded: dict[str,
         label = "overall" if m.segment == "*" else m.segment
         assert f">{label}</text>" in view.plot
         if m.ci_low is not None:
-            shown = f"{number(m.ci_low)} to {number(m.ci_high)}"
+            shown = f"{(m.ci_low - 1) * 100:+.1f} % to {(m.ci_high - 1) * 100:+.1f} %"  # as the reasons write it
             assert shown in view.plot, (m.segment, shown)
             point = m.canary_value / m.baseline_value  # ctr is relative: canary / baseline
             assert m.ci_low <= point <= m.ci_high

@@ -7,6 +7,7 @@ nothing from the network and no JavaScript; the Airflow plugin serves it, ``mlca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -127,12 +128,28 @@ def headline(data: PageData) -> dict[str, Any]:
     }
 
 
-def _decision_events(data: PageData) -> list[Event]:
+def _span(data: PageData) -> tuple[datetime, datetime]:
+    """The rollout's time: every chart of the page shares this axis, so they line up."""
+    r = data.rollout
+    ends = (
+        [r.ended_at or utcnow()]
+        + [h.applied_at for h in data.history[-1:]]
+        + [m.measured_at for m in data.guardrails[-1:]]
+    )
+    return r.started_at, max(ends)
+
+
+def _events(data: PageData) -> list[Event]:
+    """Each stage's start and the end, as tagged lines; the other decisions on hover."""
     out = []
     for d in data.decisions:
-        if d.action in ("advance", "promote", "rollback", "abort", "ask", "approve", "promote_chosen"):
-            label = f"{d.decided_at:%H:%M:%S} {d.action}" + (f" (stage {d.stage})" if d.stage else "") + f": {d.reason}"
-            out.append(Event(d.decided_at, label, _ENDS.get(d.action, "#888888")))
+        label = f"{d.decided_at:%H:%M:%S} {d.action}" + (f" (stage {d.stage})" if d.stage else "") + f": {d.reason}"
+        if d.action == "advance":
+            out.append(Event(d.decided_at, label, "#888888", f"stage {d.stage}"))
+        elif d.action in _ENDS:
+            out.append(Event(d.decided_at, label, _ENDS[d.action], d.action))
+        elif d.action in PERSON_ACTIONS or d.action == "ask":
+            out.append(Event(d.decided_at, label, "#555555"))
     return out
 
 
@@ -148,18 +165,38 @@ def traffic_chart(data: PageData) -> str:
         points.append((h.applied_at, float(h.to_percent)))
         state = "applied" if h.applied else "not applied (dry run or already in force)"
         marks.append((h.applied_at, float(h.to_percent), "#333333", f"{h.to_percent:g} % {state}: {h.note}"))
-    end = r.ended_at or utcnow()
+    start, end = _span(data)
     points.append((end, points[-1][1]))
     chart = TimeChart(
         f"Traffic to {r.canary_version} (final split: {r.canary_percent:g} %)",
         [Series(f"{r.canary_version} share", points, COLOURS["canary"], step=True, marks=marks)],
         y_label="% of traffic",
-        events=_decision_events(data),
+        events=_events(data),
+        span=(start, end),
         y_min=0,
         y_max=max(100.0, max(p for _, p in points)),
         height=200,
     )
     return chart.render()
+
+
+# what a guardrail check's threshold is, where it is not a limit
+THRESHOLD_NAMES = {"sample_ratio": "expected share"}
+
+
+def _by_stage(rows: list[sa.Row], value: Callable[[sa.Row], float | None]) -> list[tuple[datetime, float]]:
+    """A check's values, oldest first, with a break (NaN) where a stage ends: stages do not join."""
+    out: list[tuple[datetime, float]] = []
+    stage = None
+    for m in rows:
+        v = value(m)
+        if v is None:
+            continue
+        if stage is not None and m.stage != stage:
+            out.append((m.measured_at, math.nan))
+        out.append((m.measured_at, float(v)))
+        stage = m.stage
+    return out
 
 
 def guardrail_charts(data: PageData) -> list[str]:
@@ -169,13 +206,10 @@ def guardrail_charts(data: PageData) -> list[str]:
         if m.check_name != "data":
             by_check.setdefault(m.check_name, []).append(m)
     r = data.rollout
-    stage_starts = [
-        Event(d.decided_at, f"stage {d.stage} starts", "#999999") for d in data.decisions if d.action == "advance"
-    ]
     out = []
     for check, rows in by_check.items():
-        canary = [(m.measured_at, m.canary_value) for m in rows if m.canary_value is not None]
-        baseline = [(m.measured_at, m.baseline_value) for m in rows if m.baseline_value is not None]
+        canary = _by_stage(rows, lambda m: m.canary_value)
+        baseline = _by_stage(rows, lambda m: m.baseline_value)
         marks = [
             (m.measured_at, m.canary_value, COLOURS[m.verdict], f"{m.measured_at:%H:%M:%S} {m.verdict}: {m.reason}")
             for m in rows
@@ -187,9 +221,15 @@ def guardrail_charts(data: PageData) -> list[str]:
         series = [Series(r.canary_version, canary, COLOURS["canary"], marks=marks)]
         if baseline:
             series.append(Series(r.baseline_version, baseline, COLOURS["baseline"]))
+        what = THRESHOLD_NAMES.get(check, "limit")
         out.append(
             TimeChart(
-                title, series, y_label=check, limits=[(v, f"limit {v:g}") for v in limits[-2:]], events=stage_starts
+                title,
+                series,
+                y_label=check,
+                limits=[(v, f"{what} {v:g}") for v in limits[-2:]],
+                events=_events(data),
+                span=_span(data),
             ).render()
         )
     return out
@@ -218,6 +258,15 @@ def _point(metric: MetricSpec | None, m: sa.Row) -> float | None:
     if metric.kind == "calibration":
         return abs(c) - abs(b)
     return c - b
+
+
+def _change(ratio: float) -> str:
+    """A ratio as the change it is, as the reasons write it (``+8.9 %``)."""
+    return f"{(ratio - 1) * 100:+.1f} %"
+
+
+def _difference(diff: float) -> str:
+    return f"{diff:+.4f}"
 
 
 def tolerance_line(metric: MetricSpec) -> float:
@@ -256,12 +305,14 @@ def metric_views(data: PageData) -> list[MetricView]:
             for m in rows
         ]
         what = "canary / baseline" if relative else "canary − baseline"
+        segments = len(rows) - 1
         plot = ForestPlot(
-            f"{name}: {overall.verdict} ({len(rows) - 1} segments)",
+            f"{name}: {overall.verdict} (" + (f"overall and {segments} segments)" if segments else "overall only)"),
             fr,
             reference=1.0 if relative else 0.0,
             tolerance=tolerance,
             axis_label=what + (f" ({metric.kind})" if metric else ""),
+            text=_change if relative else _difference,
         ).render()
         out.append(MetricView(name, plot, _trend(data, name, metric, tolerance), overall.verdict, overall.reason))
     return out
@@ -282,11 +333,14 @@ def _trend(data: PageData, name: str, metric: MetricSpec | None, tolerance: floa
     return TimeChart(
         f"{name}, overall, look by look",
         [
-            Series("effect", [(t, p) for t, p in points if p is not None], COLOURS["canary"], marks=marks),
+            Series("effect", [(t, p) for t, p in points if p is not None], "#333333", marks=marks),
             Series("interval", [(m.measured_at, m.ci_low) for m in rows], "#bbbbbb"),
             Series("", [(m.measured_at, m.ci_high) for m in rows], "#bbbbbb"),
         ],
         limits=limits,
+        limit_colour=COLOURS["FAIL"],
+        y_label="canary / baseline" if metric is None or metric.relative else "canary − baseline",
+        span=_span(data),
         reference=1.0 if metric is None or metric.relative else 0.0,
         height=180,
     ).render()
@@ -298,7 +352,9 @@ def drift_plots(data: PageData) -> list[str]:
         if m.histogram is None:
             continue
         h = json.loads(m.histogram)
-        what = m.check_name.removeprefix("input_drift_").replace("output_drift", "score")
+        what = (
+            "score (output)" if m.check_name == "output_drift" else f"input {m.check_name.removeprefix('input_drift_')}"
+        )
         psi = "-" if m.canary_value is None else f"{m.canary_value:.3f}"
         out.append(
             PairedBars(
@@ -350,7 +406,11 @@ def rollouts_page(rows: Sequence[sa.Row], link: Callable[[sa.Row], str]) -> str:
     models: dict[str, list[sa.Row]] = {}
     for r in rows:
         models.setdefault(r.model, []).append(r)
-    return _env.get_template("rollouts.html").render(models=models, link=link, now=utcnow())
+    stages = {}
+    for r in rows:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            stages[r.rollout_id] = len(json.loads(r.spec)["stages"])
+    return _env.get_template("rollouts.html").render(models=models, link=link, stages=stages, now=utcnow())
 
 
 def posthoc_page(spec_name: str, rows: Sequence[sa.Row]) -> str:
@@ -401,4 +461,5 @@ _env = Environment(
     lstrip_blocks=True,
 )
 _env.filters["num"] = _fmt
+_env.filters["pct"] = lambda v: "-" if v is None else f"{_fmt(v)} %"
 _env.globals.update(colours=COLOURS, person=PERSON_ACTIONS, took=took, status_colour=status_colour)

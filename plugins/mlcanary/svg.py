@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from html import escape
@@ -38,20 +38,27 @@ class Series:
 @dataclass
 class Event:
     at: datetime
-    label: str
+    label: str  # on hover
     colour: str = "#888888"
+    tag: str = ""  # written at the line's top (a stage's number, say)
 
 
 @dataclass
 class TimeChart:
-    """Lines over time, with horizontal limits and vertical events (stage boundaries, decisions)."""
+    """Lines over time, with horizontal limits and vertical events (stage boundaries, decisions).
+
+    A non-finite value breaks its line (a stage boundary, say); ``span`` fixes the time axis so
+    that charts stacked on a page line up.
+    """
 
     title: str
     series: list[Series]
     y_label: str = ""
     limits: list[tuple[float, str]] = field(default_factory=list)  # (y, label): dashed lines
+    limit_colour: str = COLOURS["limit"]
     reference: float | None = None  # a solid line: "no change"
     events: list[Event] = field(default_factory=list)
+    span: tuple[datetime, datetime] | None = None
     width: int = 1040
     height: int = 220
     y_min: float | None = None
@@ -63,10 +70,12 @@ class TimeChart:
         ys += [] if self.reference is None else [self.reference]
         if not xs or not ys:
             return _empty(self.title, self.width)
-        left, right, top, bottom = 64, 150, 28, 36
+        left, right, top, bottom = 64, 150, 30, 36
         w, h = self.width - left - right, self.height - top - bottom
-        x0, x1 = min(xs), max(xs)
-        span = max((x1 - x0).total_seconds(), 1.0)
+        x0, x1 = self.span or (min(xs), max(xs))
+        edge = max((x1 - x0).total_seconds(), 1.0) * 0.02  # room for the marks at both ends
+        x0, x1 = x0 - timedelta(seconds=edge), x1 + timedelta(seconds=edge)
+        span = (x1 - x0).total_seconds()
         lo = self.y_min if self.y_min is not None else min(ys)
         hi = self.y_max if self.y_max is not None else max(ys)
         if hi - lo <= 0:
@@ -75,7 +84,7 @@ class TimeChart:
         lo, hi = (lo if self.y_min is not None else lo - pad), (hi if self.y_max is not None else hi + pad)
 
         def px(x: datetime) -> float:
-            return left + (x - x0).total_seconds() / span * w
+            return left + min(max((x - x0).total_seconds() / span, 0.0), 1.0) * w
 
         def py(y: float) -> float:
             return top + (hi - min(max(y, lo), hi)) / (hi - lo) * h
@@ -100,8 +109,11 @@ class TimeChart:
             x = px(e.at)
             out.append(
                 f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + h}" stroke="{e.colour}" '
-                f'stroke-dasharray="2 3"><title>{escape(e.label)}</title></line>'
+                f'stroke-dasharray="3 3"><title>{escape(e.label)}</title></line>'
             )
+            if e.tag:  # beside the line, on the side with room
+                side = f'x="{x - 3:.1f}" text-anchor="end"' if x > left + 0.85 * w else f'x="{x + 3:.1f}"'
+                out.append(f'<text {side} y="{top + 11}" font-size="10" fill="{e.colour}">{escape(e.tag)}</text>')
         if self.reference is not None:
             out.append(
                 f'<line x1="{left}" x2="{left + w}" y1="{py(self.reference):.1f}" y2="{py(self.reference):.1f}" '
@@ -109,31 +121,30 @@ class TimeChart:
             )
         for y, label in self.limits:
             out.append(
-                f'<line x1="{left}" x2="{left + w}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="{COLOURS["limit"]}" '
+                f'<line x1="{left}" x2="{left + w}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="{self.limit_colour}" '
                 f'stroke-dasharray="6 4"><title>{escape(label)}</title></line>'
             )
-        legend = [(s.label, s.colour, False) for s in self.series if s.label] + [
-            (lab, COLOURS["limit"], True) for _, lab in self.limits
-        ]
+        legend = [(s.label, s.colour, False) for s in self.series if s.label]
+        legend += [(lab, self.limit_colour, True) for _, lab in self.limits]
         legend += [] if self.reference is None else [("no change", "#333", False)]
         for s in self.series:
-            pts = [(px(x), py(y)) for x, y in s.points if math.isfinite(y)]
-            if s.step and pts:
-                stepped = [pts[0]]
-                for (_, ya), (xb, yb) in itertools.pairwise(pts):
-                    stepped += [(xb, ya), (xb, yb)]
-                stepped.append((left + w, stepped[-1][1]))
-                pts = stepped
-            if len(pts) > 1:
-                path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
-                out.append(f'<polyline points="{path}" fill="none" stroke="{s.colour}" stroke-width="1.8"/>')
-            elif pts:
-                out.append(f'<circle cx="{pts[0][0]:.1f}" cy="{pts[0][1]:.1f}" r="3" fill="{s.colour}"/>')
+            for run in _runs([(px(x), py(y)) if math.isfinite(y) else None for x, y in s.points]):
+                pts = run
+                if s.step:
+                    stepped = [pts[0]]
+                    for (_, ya), (xb, yb) in itertools.pairwise(pts):
+                        stepped += [(xb, ya), (xb, yb)]
+                    pts = stepped
+                if len(pts) > 1:
+                    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+                    out.append(f'<polyline points="{path}" fill="none" stroke="{s.colour}" stroke-width="1.8"/>')
+                else:
+                    out.append(f'<circle cx="{pts[0][0]:.1f}" cy="{pts[0][1]:.1f}" r="2.5" fill="{s.colour}"/>')
             for x, y, colour, title in s.marks:
                 if math.isfinite(y):
                     out.append(
-                        f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}" stroke="white">'
-                        f"<title>{escape(title)}</title></circle>"
+                        f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="{colour}" stroke="white" '
+                        f'stroke-width="1.5"><title>{escape(title)}</title></circle>'
                     )
         for i, (label, colour, dashed) in enumerate(legend):  # right of the plot, one per line
             y = top + 8 + i * 16
@@ -144,6 +155,17 @@ class TimeChart:
             )
         out.append("</svg>")
         return "".join(out)
+
+
+def _runs(points: Sequence[tuple[float, float] | None]) -> list[list[tuple[float, float]]]:
+    """The stretches of a line between its breaks (None)."""
+    runs: list[list[tuple[float, float]]] = [[]]
+    for p in points:
+        if p is None:
+            runs.append([])
+        else:
+            runs[-1].append(p)
+    return [r for r in runs if r]
 
 
 @dataclass
@@ -166,6 +188,7 @@ class ForestPlot:
     tolerance: float | None
     axis_label: str
     fmt: str = "{:.3g}"
+    text: Callable[[float], str] = field(default=lambda v: number(v))  # an interval's end, in words
     width: int = 1040
 
     def render(self) -> str:
@@ -217,7 +240,7 @@ class ForestPlot:
                 )
             if r.point is not None and math.isfinite(r.point):
                 out.append(f'<circle cx="{px(r.point):.1f}" cy="{y:.1f}" r="4" fill="{colour}">{tip}</circle>')
-            text = "no interval" if r.low is None or r.high is None else f"{number(r.low)} to {number(r.high)}"
+            text = "no interval" if r.low is None or r.high is None else f"{self.text(r.low)} to {self.text(r.high)}"
             out.append(
                 f'<text x="{left + w + 10}" y="{y + 4:.1f}" fill="{colour}">{escape(r.verdict)}'
                 f'<tspan fill="#555"> {escape(text)}</tspan></text>'
@@ -260,7 +283,7 @@ class PairedBars:
                 bh = v / hi * h
                 out.append(
                     f'<rect x="{x + 1 + j * (slot - 2) / 2:.1f}" y="{top + h - bh:.1f}" width="{(slot - 2) / 2:.1f}" '
-                    f'height="{bh:.1f}" fill="{COLOURS[arm]}" opacity="0.85"><title>bin {i + 1}: {arm} {v:.1%}'
+                    f'height="{bh:.1f}" fill="{COLOURS[arm]}"><title>bin {i + 1}: {arm} {v:.1%}'
                     "</title></rect>"
                 )
         out.append(f'<line x1="{left}" x2="{left + w}" y1="{top + h}" y2="{top + h}" stroke="#999"/>')
