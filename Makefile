@@ -19,7 +19,7 @@ export MLCANARY_SNAPSHOT_DIR ?= $(AIRFLOW_HOME)/running-specs
 export AIRFLOW_CONN_MLCANARY_WAREHOUSE ?= {"conn_type": "sqlite", "host": "$(AIRFLOW_HOME)/warehouse.db"}
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test lint ui simulate clean
+.PHONY: demo test lint ui ui-port simulate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,18 +38,34 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 $(VENV)/prometheus/usr/bin/prometheus: scripts/fetch_prometheus.sh | $(BIN)/python
 	scripts/fetch_prometheus.sh $(VENV)/prometheus
 
+# Debian's chromium at /usr/bin/chromium for the browser tests (Playwright drives it; never a Playwright
+# browser download). Stamped only once it is there, so a machine without apt tries again next time.
+$(VENV)/.chromium: scripts/fetch_chromium.sh | $(BIN)/python
+	scripts/fetch_chromium.sh
+	@if [ -x /usr/bin/chromium ]; then touch $@; fi
+
+# Debian's docker-compose for tests/test_compose.py (validates docker-compose.yaml offline: `config`,
+# nothing pulled or started). Stamped only once a compose is there, so a machine without apt tries again.
+$(VENV)/.compose: scripts/fetch_compose.sh | $(BIN)/python
+	scripts/fetch_compose.sh
+	@if command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; then touch $@; fi
+
 demo: $(VENV)/.runtime  ## three real rollouts against the simulator (about 3 minutes)
 	@mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/python scripts/demo.py
 
-test: $(VENV)/.dev $(VENV)/prometheus/usr/bin/prometheus lint  ## the whole test suite
+test: $(VENV)/.dev $(VENV)/prometheus/usr/bin/prometheus $(VENV)/.chromium $(VENV)/.compose lint  ## the whole test suite
 	$(BIN)/pytest
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-ui: $(VENV)/.runtime  ## Airflow UI on http://127.0.0.1:8080 with the simulator feeding traffic
+# Before anything starts (or installs): an API port that is one of Airflow's own log-server ports is refused.
+ui-port:
+	@$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/check_ui_port.py
+
+ui: ui-port $(VENV)/.runtime  ## Airflow UI on http://127.0.0.1:8080 with the simulator feeding traffic
 	@mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/mlcanary init --warehouse $(MLCANARY_WAREHOUSE)
 	$(BIN)/mlcanary simulate live --warehouse $(MLCANARY_WAREHOUSE) --model demo-ranker --rate 300 \

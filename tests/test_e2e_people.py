@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from conftest import Inbox
 from local_servers import Service
 from mlcanary import registry
 from mlcanary.warehouse.schema import registry as registry_table
+from mlcanary_airflow.links import report_url
 from rollout_runner import E2E_ANALYSIS, run_rollout
 
 pytestmark = pytest.mark.e2e
@@ -59,9 +61,12 @@ def _awaiting(dag_id: str) -> tuple[str, str] | None:
         return None if ti is None else (ti.run_id, ti.task_id)
 
 
-def answer(api: Any, answers: dict[str, str | None]) -> Callable[[str, threading.Event], None]:
+def answer(
+    api: Any, answers: dict[str, str | None], seen: list[dict[str, Any]] | None = None
+) -> Callable[[str, threading.Event], None]:
     """Answer each awaited task through the REST endpoint; ``None``: let its timeout pass, then run the
-    scheduler's awaiting-input sweep (what the scheduler does every loop)."""
+    scheduler's awaiting-input sweep (what the scheduler does every loop). ``seen`` gets each question
+    as the REST API (and the UI's Required Actions) shows it."""
 
     def respond(dag_id: str, done: threading.Event) -> None:
         pending = dict(answers)
@@ -82,6 +87,8 @@ def answer(api: Any, answers: dict[str, str | None]) -> Callable[[str, threading
             detail = api.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails")
             assert detail.status_code == 200, detail.text
             assert option in detail.json()["options"]
+            if seen is not None:
+                seen.append(detail.json())
             reply = api.patch(
                 f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails",
                 json={"chosen_options": [option], "params_input": {}},
@@ -105,13 +112,14 @@ def test_a_person_promotes_an_inconclusive_candidate(
     api: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channels: tuple[Service, Inbox]
 ) -> None:
     slack, inbox = channels
+    seen: list[dict[str, Any]] = []
     out = run_rollout(
         tmp_path,
         monkeypatch,
         analysis=INCONCLUSIVE,
         policies={"inconclusive": "ask", "ask_timeout": "5m"},
         notifications=NOTIFY,
-        while_running=answer(api, {"decide": "Promote"}),
+        while_running=answer(api, {"decide": "Promote"}, seen),
     )
     assert out.state == "success", out.task_states
     assert out.rollout.status == "promoted" and out.split.baseline_version == "v2"
@@ -119,6 +127,20 @@ def test_a_person_promotes_an_inconclusive_candidate(
     chosen = [d for d in out.decisions if d.action == "promote_chosen"]
     assert len(chosen) == 1 and chosen[0].reason.startswith("Promote chosen by Anonymous")
     assert out.rollout.reason.startswith("Promote chosen by Anonymous")
+    # a person's choice, recorded as one: not a PASS of the analysis
+    (promote,) = [d for d in out.decisions if d.action == "promote"]
+    assert promote.verdict is None and promote.reason.startswith("Promote chosen by Anonymous")
+    assert chosen[0].verdict is None
+    # the question names both versions, shows the checks that decided and links to the report
+    (question,) = seen
+    assert question["subject"] == "Promote unit-ranker v2? The final analysis is INCONCLUSIVE"
+    body = question["body"]
+    assert body.startswith("**Candidate `v2`** against **baseline `v1`**: the final analysis is **INCONCLUSIVE**.")
+    evidence = [line for line in body.splitlines() if line.startswith("- ")]
+    assert evidence and all(line.startswith(("- INCONCLUSIVE: ", "- PASS: ", "- ... and")) for line in evidence)
+    assert "No answer within 5 min rolls back." in body
+    run_id = out.rollout.rollout_id.split("/", 1)[1]
+    assert f"[Rollout report]({report_url('rollout__unit_ranker', run_id)})" in body
     texts = _slack_texts(slack)
     asked = next(t for t in texts if "waits for a decision" in t)
     assert "INCONCLUSIVE" in asked and "/required_actions" in asked and "Respond: http" in asked
@@ -139,7 +161,7 @@ def test_no_answer_in_time_rolls_back(api: Any, tmp_path: Path, monkeypatch: pyt
     )
     assert out.state == "failed"
     assert out.rollout.status == "rolled_back" and out.split.share("v2") == 0.0
-    assert out.rollout.reason == "Roll back chosen by default: no answer within 0:00:05"
+    assert out.rollout.reason == "Roll back chosen by default: no answer within 5 s"
     assert out.task_states["promote"] == "skipped" and out.task_states["rollback"] == "success"
 
 
@@ -154,7 +176,7 @@ def test_extend_looks_again_then_decides(api: Any, tmp_path: Path, monkeypatch: 
     assert out.task_states["extend"] == "success"
     assert out.task_states["promote_after_extension"] == "skipped" and out.task_states["promote"] == "skipped"
     assert out.rollout.status == "rolled_back"
-    assert out.rollout.reason.startswith("extended analysis still INCONCLUSIVE after 6s")
+    assert out.rollout.reason.startswith("extended analysis still INCONCLUSIVE after 6 s")
     assert [d.action for d in out.decisions].count("extend") >= 2  # the choice, then the looks
 
 
@@ -168,15 +190,28 @@ def test_approval_before_the_final_stage(
     promoted: bool,
 ) -> None:
     slack, _ = channels
+    seen: list[dict[str, Any]] = []
     out = run_rollout(
         tmp_path,
         monkeypatch,
         approval={"before_final_stage": True, "timeout": "5m"},
         notifications={**NOTIFY, "events": ["approval", "rollback"]},
-        while_running=answer(api, {"approve_final_stage": option}),
+        while_running=answer(api, {"approve_final_stage": option}, seen),
     )
     asked = [t for t in _slack_texts(slack) if "waits for a decision" in t]
     assert len(asked) == 1 and "the final stage" in asked[0]
+    run_id = out.rollout.rollout_id.split("/", 1)[1]
+    report = report_url("rollout__unit_ranker", run_id)
+    assert f"Report: {report}" in asked[0]
+    (question,) = seen
+    assert question["subject"] == "Roll unit-ranker v2 out to 60 % (the final stage)?"
+    body = question["body"]
+    assert body.startswith(
+        "**Candidate `v2`** against **baseline `v1`**: it passed stages 1 to 2; the last analysis is "
+    )
+    assert re.search(r"^- (PASS|INCONCLUSIVE): ctr", body, re.M), body  # the checks that decided
+    assert "Approve moves it to 60 % for 4 s; Reject rolls it back to 0 %. No answer within 5 min rejects." in body
+    assert f"[Rollout report]({report})" in body
     if promoted:
         assert out.state == "success" and out.rollout.status == "promoted"
         assert out.traffic == [10.0, 30.0, 60.0, 100.0, 100.0]

@@ -14,6 +14,7 @@ import pytest
 from conftest import base_spec
 from local_servers import Service, serve
 from mlcanary.routers.base import TrafficShiftError
+from mlcanary_airflow.links import report_url
 from mlcanary_airflow.notifiers import RolloutNotifier
 
 RUN_ID = "manual__2026-11-27T10:00:00+00:00"
@@ -115,3 +116,25 @@ def test_values_from_the_data_are_inert_in_markdown() -> None:
     html = MarkdownIt("commonmark").render(markdown_text(HOSTILE))
     assert "<a " not in html and "<strong>" not in html and "<!channel>" not in html
     assert html == "<p>" + HOSTILE.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") + "</p>\n"
+
+
+@pytest.mark.parametrize(
+    ("event", "xcoms"),
+    [
+        ("rollback", {"rollback": {"reason": "guardrails stage 2 breach", "split": "v1 100 %, v2 0 %"}}),
+        ("rollback_failed", {}),
+        ("promote", {"promote": "all 3 stages healthy and final analysis PASS"}),
+        ("promote_failed", {}),
+    ],
+)
+def test_every_message_links_to_the_rollout_report(slack: Service, event: str, xcoms: dict[str, Any]) -> None:
+    """The run's "Rollout report" tab, its id quoted (a run id has ``:`` and ``+``), in every message."""
+    data = base_spec(notifications={"slack": {"conn_id": "slack_test"}})
+    task = event.split("_")[0]
+    RolloutNotifier(spec=data, event=event).notify(_context(task, RuntimeError("boom"), **xcoms))
+    (sent,) = [q.json()["text"] for q in slack.requests]
+    url = report_url("rollout__unit_ranker", RUN_ID)
+    assert f"Report: {url}" in sent
+    assert url.endswith(
+        "/dags/rollout__unit_ranker/runs/manual__2026-11-27T10%3A00%3A00%2B00%3A00/plugin/rollout_report"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import re
 import time
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -405,3 +406,51 @@ def test_healthy_looks_never_end_the_bake(
     event = _first_event(trigger)
     assert event["status"] == "healthy" and event["healthy_seconds"] >= 5
     assert event["looks"] >= 2 and event["look_fails"] == 0
+
+
+def test_each_poll_is_one_short_line_and_the_event_is_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, write_batch: Writer
+) -> None:
+    """What the guardrails task's log shows while it waits (a trigger's log lines go to its task's log):
+    one line per poll with each check's value against its limit, a breach at warning level; and the
+    event the triggerer logs ("Trigger fired event") is a few hundred bytes, not every poll's detail."""
+    from datetime import timedelta
+
+    from mlcanary.warehouse.engine import utcnow
+
+    write_batch(engine, minutes=1.5, rate=200, end=utcnow() + timedelta(seconds=30))
+    trigger = _trigger(tmp_path, monkeypatch, bake=2, limit=20)
+    said: list[tuple[str, str]] = []
+    monkeypatch.setattr(type(trigger), "log", _Recorder(said), raising=False)
+    event = asyncio.run(anext(trigger.run())).payload
+    polls = [(level, m) for level, m in said if m.startswith("poll ")]
+    assert len(polls) == event["polls"] >= 3
+    assert polls[0][0] == "info" and polls[0][1].startswith("poll 1 (stage 1, 20 %, 0 s of 2 s healthy): success_rate ")
+    assert polls[-1][1].startswith(f"poll {event['polls']} (stage 1, 20 %, 2 s of 2 s healthy): ")
+    for _, line in polls:
+        assert re.search(r"p99_latency_ms [\d.]+ ms < 250\.0 ms ok; cpu [\d.]+ % < 90\.00 % ok; memory ", line)
+        assert "(n=" not in line and len(line) < 300
+    assert "result" not in event and len(json.dumps(event)) < 700
+
+    said.clear()
+    write_batch(engine, minutes=1, rate=200, faults=("v2:latency_ms=400",))
+    breach = asyncio.run(anext(_trigger(tmp_path, monkeypatch, bake=30, limit=60).run())).payload
+    level, line = next((lv, m) for lv, m in said if m.startswith("poll "))
+    assert level == "warning" and re.search(r"p99_latency_ms [\d.]+ ms >= 250\.0 ms FAIL", line), line
+    assert breach["status"] == "breach" and len(json.dumps(breach)) < 1000
+
+
+class _Recorder:
+    """A logger that keeps (level, message) of every line."""
+
+    def __init__(self, said: list[tuple[str, str]]) -> None:
+        self.said = said
+
+    def __get__(self, obj: Any, owner: Any) -> _Recorder:
+        return self
+
+    def _at(self, level: str) -> Any:
+        return lambda msg, *args, **_: self.said.append((level, msg % args if args else msg))
+
+    def __getattr__(self, name: str) -> Any:
+        return self._at(name)

@@ -41,6 +41,7 @@ from mlcanary_airflow.operators import (
 )
 from mlcanary_airflow.posthoc_dag import build_posthoc_dag
 from mlcanary_airflow.sensors import GuardrailSensor
+from mlcanary_airflow.triggers import human_duration
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,23 @@ class SpecWarning(UserWarning):
     """A rollout spec that could not be turned into a DAG (the others still load)."""
 
 
+# What a version may be, in words. Airflow 3.3's form and REST API have no custom error messages
+# (jsonschema's own: "'v 2' does not match '^[A-Za-z0-9]...'"), but the refusal quotes the schema it
+# failed, so a short hint is also in the schema's ``$comment`` (short: the quote wraps at 72 columns).
+VERSION_RULE = (
+    "a version is 1 to 128 letters, digits or . _ : + - characters, starting with a letter or digit, "
+    "without spaces (e.g. v3, 2026.12.01, v1.2+build7)"
+)
+VERSION_HINT = "a version: letters, digits, . _ : + - (e.g. v3)"
+
+
 def _params(spec: RolloutSpec) -> dict[str, Param]:
-    candidate: dict = dict(
-        title="Candidate version",
-        description="The model version to roll out (the canary).",
-        pattern=VERSION_PATTERN,
-    )
+    candidate: dict = {
+        "title": "Candidate version",
+        "description": f"The model version to roll out (the canary): {VERSION_RULE}.",
+        "pattern": VERSION_PATTERN,
+        "$comment": VERSION_HINT,
+    }
     return {
         # A scheduled spec needs a default; issue-free runs without a candidate skip cleanly.
         "candidate_version": (
@@ -68,7 +80,9 @@ def _params(spec: RolloutSpec) -> dict[str, Param]:
             pattern=VERSION_PATTERN,
             title="Baseline version",
             description="The version serving now, to compare with. Empty: read from the router; a version "
-            "that is not the one serving is refused before any traffic moves.",
+            f"that is not the one serving is refused before any traffic moves. {VERSION_RULE[0].upper()}"
+            f"{VERSION_RULE[1:]}.",
+            **{"$comment": VERSION_HINT},
         ),
         "dry_run": Param(
             False,
@@ -129,13 +143,31 @@ def build_dag(
                 )
                 previous >> approve
                 previous = approve
+            stage = spec.stages[number - 1]
+            share = f"{stage.percent:g} %"
+            # The grid shows each stage's share (ids stay stage_N.shift_traffic, ...): "stage_1 (10 %)",
+            # "shift to 10 %", "guardrails at 10 % (4 s)", "analysis at 10 %".
             with TaskGroup(
-                group_id=f"stage_{number}", tooltip=f"{spec.stages[number - 1].percent:g} % canary"
+                group_id=f"stage_{number}",
+                group_display_name=f"stage_{number} ({share})",
+                tooltip=f"{share} canary for {human_duration(stage.bake)}",
             ) as group:
-                shift = ShiftTrafficOperator(task_id="shift_traffic", spec=data, stage=number)
-                guard = GuardrailSensor(task_id="guardrails", spec=data, stage=number)
+                shift = ShiftTrafficOperator(
+                    task_id="shift_traffic", task_display_name=f"shift to {share}", spec=data, stage=number
+                )
+                guard = GuardrailSensor(
+                    task_id="guardrails",
+                    task_display_name=f"guardrails at {share} ({human_duration(stage.bake)})",
+                    spec=data,
+                    stage=number,
+                )
                 analysis = AnalysisOperator(
-                    task_id="analysis", spec=data, stage=number, final=last, guardrails_task_id=guard.task_id
+                    task_id="analysis",
+                    task_display_name=f"analysis at {share}",
+                    spec=data,
+                    stage=number,
+                    final=last,
+                    guardrails_task_id=guard.task_id,
                 )
                 shift >> guard >> analysis
             previous >> group

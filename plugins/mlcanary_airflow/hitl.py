@@ -25,8 +25,9 @@ from mlcanary.lifecycle import Action, Step, after_guardrails, final_decision
 from mlcanary.rollout import RolloutRef
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import Verdict
+from mlcanary_airflow.links import report_url
 from mlcanary_airflow.operators import RolloutTaskMixin
-from mlcanary_airflow.triggers import GuardedHITLTrigger
+from mlcanary_airflow.triggers import GuardedHITLTrigger, human_duration
 
 PROMOTE, EXTEND, ROLL_BACK = "Promote", "Extend", "Roll back"
 
@@ -35,7 +36,17 @@ def _who(event: dict[str, Any], timeout: Any) -> str:
     user = event.get("responded_by_user")
     if user:
         return f"by {user.get('name') or user.get('id')}" if isinstance(user, dict) else f"by {user}"
-    return f"by default: no answer within {timeout}"
+    return f"by default: no answer within {human_duration(timeout)}"
+
+
+def question_body(what: str, candidate: str, baseline: str, evidence: list[str], choices: str, link: str) -> str:
+    """The question's Markdown: who is compared, the checks that decided (a short list), what each
+    answer does, and the report. Text from the data is escaped (a segment value is shown as typed)."""
+    lines = "\n".join(f"- {markdown_text(e)}" for e in evidence) or "- (no checks recorded)"
+    return (
+        f"**Candidate `{candidate}`** against **baseline `{baseline}`**: {what}\n\n"
+        f"Evidence:\n\n{lines}\n\n{choices}\n\n[Rollout report]({link})"
+    )
 
 
 def _assignees(spec: RolloutSpec) -> list[dict[str, str]] | None:
@@ -97,10 +108,10 @@ class ApproveFinalStageOperator(GuardedQuestion, ApprovalOperator):
         final = parsed.stages[-1]
         super().__init__(
             subject=f"Roll {parsed.model} out to {final.percent:g} % (the final stage)?",
-            body=(
+            body=(  # replaced at run time by one that names the versions and shows the evidence
                 f"The candidate passed stages 1 to {len(parsed.stages) - 1} of `{parsed.dag_id}`. "
-                f"Approve to move it to {final.percent:g} % for {final.bake}; Reject rolls it back to 0 %. "
-                f"No answer within {parsed.approval.timeout} rejects."
+                f"Approve to move it to {final.percent:g} % for {human_duration(final.bake)}; Reject rolls it "
+                f"back to 0 %. No answer within {human_duration(parsed.approval.timeout)} rejects."
             ),
             defaults=[ApprovalOperator.REJECT],
             response_timeout=parsed.approval.timeout,
@@ -114,6 +125,17 @@ class ApproveFinalStageOperator(GuardedQuestion, ApprovalOperator):
         rollout = self.rollout(context, Action.LOOK)  # skips when the rollout never started or ended
         stage = len(self.spec.stages) - 1
         self.decide(rollout, "ask", "waiting for approval of the final stage", stage, key="ask:approval")
+        final, passed = self.spec.stages[-1], context["ti"].xcom_pull(task_ids=f"stage_{stage}.analysis") or {}
+        self.subject = f"Roll {self.spec.model} {rollout.canary_version} out to {final.percent:g} % (the final stage)?"
+        self.body = question_body(
+            f"it passed stages 1 to {stage}; the last analysis is {passed.get('verdict', 'not recorded')}.",
+            rollout.canary_version,
+            rollout.baseline_version,
+            passed.get("checks") or ([passed["reason"]] if passed.get("reason") else []),
+            f"Approve moves it to {final.percent:g} % for {human_duration(final.bake)}; Reject rolls it back to "
+            f"0 %. No answer within {human_duration(self.spec.approval.timeout)} rejects.",
+            report_url(context["dag"].dag_id, context["run_id"]),
+        )
         return self.ask(context, rollout, stage, ApprovalOperator.REJECT, APPROVAL)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
@@ -175,10 +197,18 @@ class DecideOperator(GuardedQuestion, HITLBranchOperator):
                 return self.do_branch(context, self.promote_task_id)
             case Step.ASK:
                 self.decide(rollout, "ask", nxt.reason, stage, verdict, key="ask:decide")
-                self.body = (
-                    f"The final analysis of `{rollout.canary_version}` against `{rollout.baseline_version}` is "
-                    f"**{verdict.value}**: {markdown_text(str(final.get('reason')))}\n\nPromote it, Extend the "
-                    f"analysis (then decided automatically), or Roll back. No answer within {p.ask_timeout} rolls back."
+                self.subject = (
+                    f"Promote {self.spec.model} {rollout.canary_version}? The final analysis is {verdict.value}"
+                )
+                extend = "Extend looks again (then decided automatically), " if EXTEND in self.options else ""
+                self.body = question_body(
+                    f"the final analysis is **{verdict.value}**.",
+                    rollout.canary_version,
+                    rollout.baseline_version,
+                    final.get("checks") or [str(final.get("reason"))],
+                    f"Promote makes it serve 100 %, {extend}Roll back takes it to 0 %. "
+                    f"No answer within {human_duration(p.ask_timeout)} rolls back.",
+                    report_url(context["dag"].dag_id, context["run_id"]),
                 )
                 return self.ask(context, rollout, stage, ROLL_BACK, DECISION)  # defers, watched by the guardrails
         self.log.info(nxt.reason)

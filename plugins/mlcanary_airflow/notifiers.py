@@ -14,6 +14,7 @@ from mlcanary.escape import slack_text
 from mlcanary.redact import redact
 from mlcanary.spec import NotifyEvent, RolloutSpec
 from mlcanary_airflow.hooks import _connection
+from mlcanary_airflow.links import report_url
 
 log = logging.getLogger(__name__)
 
@@ -51,37 +52,40 @@ class RolloutNotifier(BaseNotifier):
         canary = started.get("canary_version") or context["params"].get("candidate_version") or "?"
         what = f"{spec.model} {canary} (baseline {started.get('baseline_version', '?')})"
         run = run_link(context)
+        report = report_url(context["dag"].dag_id, context["run_id"])
         error = context.get("exception")
         if self.event == "rollback":
             done = ti.xcom_pull(task_ids=ti.task_id) or {}
             subject = f"mlcanary: {what} rolled back"
             text = (
                 f"{subject}: the canary is at 0 % (the router reports {done.get('split', '?')}).\n"
-                f"Why: {done.get('reason', 'see the run')}\nRun: {run}"
+                f"Why: {done.get('reason', 'see the run')}\nReport: {report}\nRun: {run}"
             )
         elif self.event == "rollback_failed":
             subject = f"mlcanary: ROLLBACK FAILED for {what}"
             text = (
                 f"{subject}: the canary may still receive traffic. Act now: check the router, then clear the "
                 f"rollback task or run `mlcanary abort --rollout {started.get('rollout_id', '?')} --reason ...`.\n"
-                f"What failed: {error or 'see the run'}\nRun: {run}"
+                f"What failed: {error or 'see the run'}\nReport: {report}\nRun: {run}"
             )
         elif self.event == "promote":
             subject = f"mlcanary: {what} promoted"
             why = ti.xcom_pull(task_ids=ti.task_id) or "-"
-            text = f"{subject}: {canary} serves 100 % and is the new baseline.\nWhy: {why}\nRun: {run}"
+            text = (
+                f"{subject}: {canary} serves 100 % and is the new baseline.\nWhy: {why}\nReport: {report}\nRun: {run}"
+            )
         elif self.event == "promote_failed":
             subject = f"mlcanary: promotion of {what} failed"
             text = (
                 f"{subject}: {error or 'see the run'}\n"
-                f"The rollback task takes the canary back to 0 % unless it was promoted.\nRun: {run}"
+                f"The rollback task takes the canary back to 0 % unless it was promoted.\nReport: {report}\nRun: {run}"
             )
         else:  # approval
             task = context["task"]
             link = task.generate_link_to_ui(task_instance=context["task_instance"], base_url=base_url())
             subject = f"mlcanary: {what} waits for a decision"
             question = f"{getattr(task, 'subject', '')}\n{getattr(task, 'body', '') or ''}"
-            text = f"{subject}: {question}\nRespond: {link}\nRun: {run}"
+            text = f"{subject}: {question}\nRespond: {link}\nReport: {report}\nRun: {run}"
         return subject, text
 
     def notify(self, context: Context) -> None:
@@ -107,7 +111,8 @@ def alert(spec: RolloutSpec, context: Context, status: str, problem: str, rollou
     subject = f"mlcanary: {status.upper().replace('_', ' ')} for {spec.model}"
     text = (
         f"{subject}: {problem}.\nThe model stays locked until the split is safe. Act now: check the router, "
-        f"then run `mlcanary abort --rollout {rollout_id} --reason ...`.\nRun: {run_link(context)}"
+        f"then run `mlcanary abort --rollout {rollout_id} --reason ...`.\n"
+        f"Report: {report_url(context['dag'].dag_id, context['run_id'])}\nRun: {run_link(context)}"
     )
     send(spec, subject, text, context, status)
 

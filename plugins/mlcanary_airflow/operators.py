@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.bases.branch import BranchMixIn
+from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryAction, RetryRule
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from sqlalchemy.engine import Engine
 
@@ -29,18 +30,46 @@ from mlcanary.mlflow_alias import promote_alias
 from mlcanary.preflight import check_warehouse
 from mlcanary.report import format_report, rollout_report
 from mlcanary.routers.base import Router
-from mlcanary.spec import RolloutSpec, show_duration
+from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import Verdict
 from mlcanary.warehouse.schema import create_schema
 from mlcanary_airflow import snapshots
 from mlcanary_airflow.hooks import WarehouseHook, mlflow_client, router_for
-from mlcanary_airflow.triggers import GuardedWaitTrigger
+from mlcanary_airflow.links import RolloutReportLink
+from mlcanary_airflow.notifiers import alert
+from mlcanary_airflow.run_notes import RUN_NOTE, run_note
+from mlcanary_airflow.triggers import GuardedWaitTrigger, human_duration
 
 BEGIN = "validate_and_lock"  # its XCom is the rollout's RolloutRef: what a rollback needs
 PENDING = "mlcanary_rollback"  # XCom of a task that rolled back but could not record it (or why it rolled back)
 
 
 NEXT_LOOK = "the next analysis look"
+
+
+class Decided(SystemExit):
+    """The task fails because of a decision (a rollback, a run that ends without promotion), not an
+    error. Airflow 3.3 logs an ``AirflowFailException`` with its whole traceback ("Task failed with
+    exception"); a ``SystemExit`` it logs as one line (``Task exited``), and :data:`DECIDED` (the
+    tasks' retry policy) fails it at once, without retries."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+DECIDED = ExceptionRetryPolicy(
+    rules=[RetryRule(exception=Decided, action=RetryAction.FAIL, reason="a rollout decision, not an error: no retry")]
+)
+
+
+def fail_decided(log: Any, reason: str) -> NoReturn:
+    """Fail the task on a decision with one readable log line (no traceback) and no retry."""
+    log.error("mlcanary: %s", reason)
+    raise Decided(reason)
 
 
 def rollout_id_of(context: Context) -> str:
@@ -174,7 +203,7 @@ class RolloutTaskMixin(SpecTaskMixin):
         this task (no retries)."""
         if not self.rolled_back_by_trigger(context, done):
             self.roll_back_now(context, ref, nxt.reason)
-        raise AirflowFailException(nxt.reason)
+        fail_decided(self.log, nxt.reason)
 
 
 class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
@@ -237,6 +266,8 @@ class BeginRolloutOperator(RolloutTaskMixin, BaseOperator):
             started.canary_version,
             " (dry run)" if started.dry_run else "",
         )
+        running = "running (dry run)" if started.dry_run else "running"
+        context["ti"].xcom_push(key=RUN_NOTE, value=run_note(started.baseline_version, started.canary_version, running))
         return started.ref.to_dict()
 
     def _preflight(self, baseline: str | None) -> None:
@@ -287,7 +318,14 @@ class ShiftTrafficOperator(RolloutTaskMixin, BaseOperator):
             split = steps.shift_to_stage(self.engine, self.router, self.spec, rollout.ref, self.stage)
         except steps.StepRefused as why:
             self.refuse(rollout, str(why))
-        self.log.info("stage %d: canary %s at %g %%", self.stage, split.canary_version, split.canary_percent)
+        self.log.info(
+            "stage %d: split in force: %s %g %%, %s %g %% (canary)",
+            self.stage,
+            split.baseline_version,
+            100 - split.canary_percent,
+            split.canary_version,
+            split.canary_percent,
+        )
         return split.canary_percent
 
 
@@ -298,11 +336,13 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
     to advance), or roll back. A failing streak of the bake's background looks goes on here."""
 
     ui_color = "#e6f4ea"
+    operator_extra_links = (RolloutReportLink(),)
 
     def __init__(
         self, *, spec: dict[str, Any], stage: int, final: bool, guardrails_task_id: str | None = None, **kwargs: Any
     ) -> None:
         kwargs.setdefault("retries", 2)
+        kwargs.setdefault("retry_policy", DECIDED)
         kwargs.setdefault("retry_delay", timedelta(seconds=10))
         super().__init__(**kwargs)
         self.spec_data = spec
@@ -331,9 +371,7 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
         fails: int = state["fails"] if "fails" in state else self._background_fails(context)
         look: int = state.get("look", 0) + 1
         result = steps.look(self.engine, self.spec, rollout.ref, self.stage)
-        self.log.info("stage %d analysis: %s: %s", self.stage, result.verdict.value, result.reason)
-        for flag in result.flags:
-            self.log.warning("stage %d: %s", self.stage, flag)
+        log_look(self.log, self.stage, look, result)
         a = self.spec.analysis
         nxt = after_look(
             result.verdict,
@@ -361,7 +399,20 @@ class AnalysisOperator(RolloutTaskMixin, BaseOperator):
                 self.defer(trigger=self.guarded_wait(rollout, self.stage, at, handover), method_name="execute")
         with self.engine.begin() as conn:
             progress.clear(conn, rollout.rollout_id, wait)
-        return {"verdict": result.verdict.value, "reason": result.reason, "flags": result.flags}
+        if result.verdict is not Verdict.PASS and nxt.step is Step.PROCEED:  # visibly not a PASS
+            self.log.warning(
+                "stage %d advances on %s, not PASS (analysis.advance_on: %s): %s",
+                self.stage,
+                result.verdict.value,
+                a.advance_on,
+                result.reason,
+            )
+        return {
+            "verdict": result.verdict.value,
+            "reason": result.reason,
+            "flags": result.flags,
+            "checks": evidence(result.checks),
+        }
 
     def _background_fails(self, context: Context) -> int:
         """The failing streak of the looks the guardrails' trigger took during the bake."""
@@ -389,7 +440,7 @@ class ExtendOperator(AnalysisOperator, BranchMixIn):
         if result["verdict"] == Verdict.PASS.value:
             return self.do_branch(context, self.promote_task_id)
         reason = (
-            f"extended analysis still {result['verdict']} after {show_duration(self.spec.policies.max_extension)}: "
+            f"extended analysis still {result['verdict']} after {human_duration(self.spec.policies.max_extension)}: "
             f"{result['reason']}"
         )
         self.roll_back_now(context, self.ref(context), reason)
@@ -411,9 +462,10 @@ class PromoteOperator(RolloutTaskMixin, BaseOperator):
         with self.engine.connect() as conn:
             decided = last_decision(conn, rollout.rollout_id, "promote_chosen")
         reason = decided.reason if decided else f"all {len(self.spec.stages)} stages healthy and final analysis PASS"
+        verdict = None if decided else Verdict.PASS  # a person's choice is not a verdict
         if rollout.status is not Status.PROMOTED:  # a retry after the switch goes on with the registry steps
             try:
-                steps.promote(self.engine, self.router, rollout.ref, reason)
+                steps.promote(self.engine, self.router, rollout.ref, reason, verdict=verdict)
             except steps.StepRefused as why:
                 self.refuse(rollout, str(why))
         self.log.info("promoted %s: it now serves 100 %% of %s", rollout.canary_version, self.spec.model)
@@ -508,8 +560,11 @@ class ReportOperator(RolloutTaskMixin, BaseOperator):
     or ``split_mismatch``), alerts every channel and fails the run.
     """
 
+    operator_extra_links = (RolloutReportLink(),)
+
     def __init__(self, *, spec: dict[str, Any], snapshot_dir: str, **kwargs: Any) -> None:
         kwargs.setdefault("retries", 3)  # the warehouse may be restarting
+        kwargs.setdefault("retry_policy", DECIDED)
         kwargs.setdefault("retry_delay", 2 * RolloutSpec.model_validate(spec).retries.delay)
         kwargs.setdefault("retry_exponential_backoff", 2.0)
         super().__init__(**kwargs)
@@ -517,8 +572,6 @@ class ReportOperator(RolloutTaskMixin, BaseOperator):
         self.snapshot_dir = snapshot_dir
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from mlcanary_airflow.notifiers import alert
-
         ref = self.ref(context)
         pending = (context["ti"].xcom_pull(task_ids="rollback") or {}).get("pending")
         if pending:
@@ -531,12 +584,48 @@ class ReportOperator(RolloutTaskMixin, BaseOperator):
         if report is not None:
             self.log.info("\n%s", format_report(report))
         status = ended.rollout.status
+        outcome = outcome_line(ended.rollout, len(self.spec.stages))
+        context["ti"].xcom_push(key=RUN_NOTE, value=run_note(ref.baseline_version, ref.canary_version, outcome))
         if ended.state.problem:
             alert(self.spec, context, status.value, ended.state.problem, ref.rollout_id)
-            raise AirflowFailException(
+            fail_decided(
+                self.log,
                 f"{status}: {ended.state.problem}. The model stays locked: check the router, then "
-                f"`mlcanary abort --rollout {ref.rollout_id} --reason ...`"
+                f"`mlcanary abort --rollout {ref.rollout_id} --reason ...`",
             )
-        if status is not Status.PROMOTED:
-            raise AirflowFailException(f"{status.replace('_', ' ')}: {ended.rollout.reason}")
+        if status is not Status.PROMOTED:  # the run ends failed, so Airflow's alerting fires: one line, no traceback
+            fail_decided(self.log, outcome)
+        self.log.info("mlcanary: %s", outcome)
         return {"status": status.value, "stage_reached": ended.rollout.stage_reached, "reason": ended.rollout.reason}
+
+
+def outcome_line(rollout: steps.Rollout, stages: int) -> str:
+    """How a rollout ended, in one line: ``rolled back at stage 2: guardrails stage 2 breach: ...``."""
+    status = str(rollout.status).replace("_", " ")
+    if rollout.status is Status.PROMOTED:
+        where = f"after {rollout.stage_reached} of {stages} stages"
+    else:
+        where = f"at stage {rollout.stage_reached}" if rollout.stage_reached else "before stage 1"
+    reason = " ".join(str(rollout.reason or "").split())  # one line
+    return f"{status} {where}: {reason}" if reason else f"{status} {where}"
+
+
+def evidence(checks: list[Any], most: int = 8) -> list[str]:
+    """The checks that decided, for a person (the approval question): the ones that did not pass
+    first, one short line each."""
+    ordered = sorted(checks, key=lambda c: c.verdict is Verdict.PASS)
+    lines = [f"{c.verdict.value}: {' '.join(c.reason.split())}"[:240] for c in ordered[:most]]
+    if len(checks) > most:
+        lines.append(f"... and {len(checks) - most} more checks (see the report)")
+    return lines
+
+
+def log_look(log: Any, stage: int, look: int, result: Any) -> None:
+    """An analysis look in the task log, one check per line: a PASS at info, anything else at warning
+    level (Airflow shows it in yellow), so an INCONCLUSIVE that lets a stage advance stands out."""
+    level = log.info if result.verdict is Verdict.PASS else log.warning
+    level("stage %d analysis look %d: %s", stage, look, result.verdict.value)
+    for c in result.checks:
+        (log.info if c.verdict is Verdict.PASS else log.warning)("  %-12s %s", c.verdict.value, c.reason)
+    for flag in result.flags:
+        log.warning("stage %d: %s", stage, flag)

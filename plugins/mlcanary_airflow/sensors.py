@@ -9,8 +9,9 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from mlcanary.lifecycle import Action, Step, after_guardrails
-from mlcanary_airflow.operators import RolloutTaskMixin
-from mlcanary_airflow.triggers import GuardrailTrigger
+from mlcanary_airflow.links import RolloutReportLink
+from mlcanary_airflow.operators import DECIDED, RolloutTaskMixin
+from mlcanary_airflow.triggers import GuardrailTrigger, human_duration
 
 
 class GuardrailSensor(RolloutTaskMixin, BaseOperator):
@@ -25,8 +26,10 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
     """
 
     ui_color = "#fef7e0"
+    operator_extra_links = (RolloutReportLink(),)
 
     def __init__(self, *, spec: dict[str, Any], stage: int, **kwargs: Any) -> None:
+        kwargs.setdefault("retry_policy", DECIDED)  # a breach fails it in one log line, without retries
         super().__init__(**kwargs)
         self.spec_data = spec
         self.stage = stage
@@ -35,6 +38,18 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
         rollout = self.rollout(context, Action.LOOK)
         bake = self.spec.stages[self.stage - 1].bake.total_seconds()
         limit = bake + self.spec.guardrails.deadline_margin.total_seconds()
+        stage = self.spec.stages[self.stage - 1]
+        self.log.info(
+            "stage %d: %s at %g %% of traffic, %s of %g %%; baking %s, a poll every %s (each poll below, "
+            "in the triggerer's lines)",
+            self.stage,
+            rollout.canary_version,
+            stage.percent,
+            rollout.baseline_version,
+            100 - stage.percent,
+            human_duration(bake),
+            human_duration(self.spec.guardrails.interval),
+        )
         self.defer(
             trigger=GuardrailTrigger(
                 bake_seconds=bake, deadline_epoch=time.time() + limit, **self.watch(rollout, self.stage)
@@ -50,9 +65,9 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
         if nxt.step is Step.ROLL_BACK:
             self.stop(context, self.ref(context), nxt, event.get("rolled_back"))
         self.log.info(
-            "stage %d healthy for %.0f s over %d polls: %s",
+            "stage %d healthy for %s over %d polls: %s",
             self.stage,
-            event["healthy_seconds"],
+            human_duration(event["healthy_seconds"]),
             event["polls"],
             event["reason"],
         )

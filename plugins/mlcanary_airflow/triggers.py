@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from airflow.providers.standard.triggers.hitl import HITLTrigger
@@ -29,6 +29,7 @@ from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import CheckResult, Verdict
 from mlcanary.warehouse.engine import naive_utc, utcnow
 from mlcanary.watch import End, Ended, WatchState, after_error, after_look, after_poll, past_deadline
+from mlcanary.words import took
 from mlcanary_airflow.hooks import WarehouseHook, metric_source, router_for
 
 _T = TypeVar("_T")
@@ -45,6 +46,28 @@ class Clock:
 
 
 CLOCK = Clock()
+
+_MARKS = {Verdict.PASS: "ok", Verdict.FAIL: "FAIL", Verdict.INCONCLUSIVE: "inconclusive", Verdict.INVALID: "INVALID"}
+
+
+def _check_text(check: CheckResult) -> str:
+    """``p99_latency_ms 212 ms < 250 ms ok``: the check's value against its limit, and its verdict."""
+    said = check.reason.split(" (", 1)[0]
+    return said if check.verdict is Verdict.INCONCLUSIVE and "no data" in said else f"{said} {_MARKS[check.verdict]}"
+
+
+def human_duration(duration: timedelta | float) -> str:
+    """A duration as a person reads it (:func:`mlcanary.words.took`): ``12 s``, ``2 min 30 s``."""
+    seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+    return took(timedelta(seconds=seconds)) if math.isfinite(seconds) else "no limit"
+
+
+def poll_line(poll: int, stage: int, percent: float, where: str, result: GuardrailResult) -> str:
+    """One poll in one line: each check's value against its limit (the evidence in brackets left to
+    the measurements table), e.g. ``poll 12 (stage 1, 10 %, 48 s of 2 min healthy): success_rate
+    99.91 % >= 99.5 % ok; p99_latency_ms 212 ms < 250 ms ok; ...``."""
+    checks = "; ".join(_check_text(c) for c in result.checks)
+    return f"poll {poll} (stage {stage}, {percent:g} %, {where}): {checks or result.reason}"
 
 
 class _GuardrailPolls(BaseTrigger):
@@ -295,6 +318,16 @@ class _GuardrailPolls(BaseTrigger):
             )
         return state
 
+    def _log_poll(self, spec: RolloutSpec, state: WatchState, bake_seconds: float, result: GuardrailResult) -> None:
+        """The poll in the task's log (a trigger's log lines go to its task's log): info when every
+        check passed, warning (yellow in the UI) otherwise."""
+        if math.isfinite(bake_seconds):
+            where = f"{human_duration(state.healthy_seconds)} of {human_duration(bake_seconds)} healthy"
+        else:
+            where = f"waiting for {self.waiting_for or 'the next step'}"
+        line = poll_line(state.polls, self.stage, spec.stages[self.stage - 1].percent, where, result)
+        (self.log.info if result.verdict is Verdict.PASS else self.log.warning)(line)
+
     @staticmethod
     def _limit(spec: RolloutSpec) -> float:
         return max(spec.guardrails.interval.total_seconds(), 5.0)
@@ -319,6 +352,7 @@ class _GuardrailPolls(BaseTrigger):
                 if ended is None or ended.end is End.HEALTHY:
                     raise  # no advance, and no all-clear, without its audit: an error like any other
                 self.log.error("guardrails stage %d: this poll could not be recorded: %s", self.stage, exc)
+            self._log_poll(spec, new, bake_seconds, result)
             return new, ended, max(0.0, polled + g.interval.total_seconds() - CLOCK.monotonic()), result
         except Exception as exc:  # any source failure (or a poll past its limit) is retried, then fails closed
             what = f"poll took longer than {limit:g} s" if isinstance(exc, TimeoutError) else str(exc)
@@ -347,11 +381,10 @@ class GuardrailTrigger(_GuardrailPolls):
         spec = RolloutSpec.model_validate(self.spec)
         interval = spec.guardrails.interval.total_seconds()
         state = await self._start(spec)
-        last: GuardrailResult | None = None
         first = (self.stage_started_epoch or CLOCK.wall()) + interval  # the stage's own traffic only
         await CLOCK.sleep(min(interval, max(0.0, first - CLOCK.wall())))
         while True:
-            state, ended, wait, last = await self._poll(spec, state, self.bake_seconds)
+            state, ended, wait, _ = await self._poll(spec, state, self.bake_seconds)
             state, looked = await self._looking(spec, state)
             if looked is not None and (ended is None or ended.end is End.HEALTHY):
                 ended = looked  # a failing analysis outweighs a healthy bake
@@ -360,15 +393,16 @@ class GuardrailTrigger(_GuardrailPolls):
                 healthy = ended.end is End.HEALTHY
                 if healthy:
                     await self._best_effort(spec, self._clear, spec)
+                # What the task needs, no more: the triggerer logs the whole event ("Trigger fired
+                # event"), and every poll's values are in the log lines above and the measurements table.
                 yield TriggerEvent(
                     {
                         "status": ended.end.value,
                         "polls": state.polls,
-                        "healthy_seconds": state.healthy_seconds,
+                        "healthy_seconds": round(state.healthy_seconds, 1),
                         "reason": ended.reason,
                         "looks": state.looks,
                         "look_fails": state.look_fails,
-                        "result": None if last is None else last.to_dict(),
                         "rolled_back": None if healthy else await self._end_badly(spec, ended),
                     }
                 )
