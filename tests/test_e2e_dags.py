@@ -256,11 +256,11 @@ def test_advance_on_pass_holds_an_inconclusive_stage_then_rolls_back(
         tmp_path, monkeypatch, analysis=analysis, policies={"inconclusive": "extend", "max_extension": "6s"}
     )
     assert out.rollout.status == "rolled_back" and out.rollout.stage_reached == 1
-    assert out.rollout.reason.startswith("analysis: still INCONCLUSIVE after 6s (advance_on pass)")
+    assert out.rollout.reason.startswith("analysis: still INCONCLUSIVE after 6 s (advance_on pass)")
     assert out.traffic == [10.0, 0.0]
     extended = [d for d in out.decisions if d.action == "extend"]
     assert extended and all(d.stage == 1 for d in extended)
-    assert extended[0].reason.startswith("INCONCLUSIVE, advance_on pass: looking again in 2s")
+    assert extended[0].reason.startswith("INCONCLUSIVE, advance_on pass: looking again in 2 s")
 
 
 def test_a_warehouse_that_fails_the_pre_flight_check_is_refused_before_any_traffic(

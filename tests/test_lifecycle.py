@@ -204,7 +204,7 @@ def test_advance_on_pass_holds_a_stage_until_it_passes() -> None:
         max_extension=timedelta(minutes=5),
         advance_on="pass",
     )
-    assert nxt.reason == "analysis: still INCONCLUSIVE after 5m (advance_on pass): few rows"
+    assert nxt.reason == "analysis: still INCONCLUSIVE after 5 min (advance_on pass): few rows"
     # the last stage is the policies' to decide, whatever advance_on says
     assert _look(Verdict.INCONCLUSIVE, final=True, **pass_only) is Step.PROCEED
 

@@ -25,8 +25,8 @@ from datetime import timedelta
 from enum import StrEnum
 
 from mlcanary.routers.base import Split
-from mlcanary.spec import show_duration
 from mlcanary.verdict import Verdict
+from mlcanary.words import took
 
 
 class Status(StrEnum):
@@ -264,13 +264,13 @@ def after_look(
         return Next(Step.ROLL_BACK, "rollback", f"analysis: {reason}")
     if verdict is Verdict.INVALID and policy == "rollback":
         return Next(Step.ROLL_BACK, "rollback", f"analysis: comparison invalid: {reason}")
-    more, again = waited + interval <= max_extension, f"looking again in {show_duration(interval)}: {reason}"
+    more, again = waited + interval <= max_extension, f"looking again in {took(interval)}: {reason}"
     if final and verdict is not Verdict.PASS and policy == "extend" and more:
         return Next(Step.LOOK_AGAIN, "extend", f"{verdict.value}, policy extend: {again}")
     if not final and verdict is not Verdict.PASS and advance_on == "pass":
         if more:
             return Next(Step.LOOK_AGAIN, "extend", f"{verdict.value}, advance_on pass: {again}")
-        still = f"still {verdict.value} after {show_duration(max_extension)} (advance_on pass)"
+        still = f"still {verdict.value} after {took(max_extension)} (advance_on pass)"
         return Next(Step.ROLL_BACK, "rollback", f"analysis: {still}: {reason}")
     return Next(Step.PROCEED, "looked", reason)
 

@@ -27,6 +27,7 @@ from typing import Any
 from airflow.sdk import DAG, Param, TaskGroup, get_parsing_context
 
 from mlcanary.spec import VERSION_PATTERN, RolloutSpec, SpecError, load_specs, parse_spec
+from mlcanary.words import took
 from mlcanary_airflow import snapshots
 from mlcanary_airflow.hitl import ApproveFinalStageOperator, DecideOperator
 from mlcanary_airflow.notifiers import RolloutNotifier
@@ -41,7 +42,6 @@ from mlcanary_airflow.operators import (
 )
 from mlcanary_airflow.posthoc_dag import build_posthoc_dag
 from mlcanary_airflow.sensors import GuardrailSensor
-from mlcanary_airflow.triggers import human_duration
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,14 @@ def build_dag(
             with TaskGroup(
                 group_id=f"stage_{number}",
                 group_display_name=f"stage_{number} ({share})",
-                tooltip=f"{share} canary for {human_duration(stage.bake)}",
+                tooltip=f"{share} canary for {took(stage.bake)}",
             ) as group:
                 shift = ShiftTrafficOperator(
                     task_id="shift_traffic", task_display_name=f"shift to {share}", spec=data, stage=number
                 )
                 guard = GuardrailSensor(
                     task_id="guardrails",
-                    task_display_name=f"guardrails at {share} ({human_duration(stage.bake)})",
+                    task_display_name=f"guardrails at {share} ({took(stage.bake)})",
                     spec=data,
                     stage=number,
                 )

@@ -25,9 +25,10 @@ from mlcanary.lifecycle import Action, Step, after_guardrails, final_decision
 from mlcanary.rollout import RolloutRef
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import Verdict
+from mlcanary.words import took
 from mlcanary_airflow.links import report_url
 from mlcanary_airflow.operators import RolloutTaskMixin
-from mlcanary_airflow.triggers import GuardedHITLTrigger, human_duration
+from mlcanary_airflow.triggers import GuardedHITLTrigger
 
 PROMOTE, EXTEND, ROLL_BACK = "Promote", "Extend", "Roll back"
 
@@ -36,7 +37,7 @@ def _who(event: dict[str, Any], timeout: Any) -> str:
     user = event.get("responded_by_user")
     if user:
         return f"by {user.get('name') or user.get('id')}" if isinstance(user, dict) else f"by {user}"
-    return f"by default: no answer within {human_duration(timeout)}"
+    return f"by default: no answer within {took(timeout)}"
 
 
 def question_body(what: str, candidate: str, baseline: str, evidence: list[str], choices: str, link: str) -> str:
@@ -110,8 +111,8 @@ class ApproveFinalStageOperator(GuardedQuestion, ApprovalOperator):
             subject=f"Roll {parsed.model} out to {final.percent:g} % (the final stage)?",
             body=(  # replaced at run time by one that names the versions and shows the evidence
                 f"The candidate passed stages 1 to {len(parsed.stages) - 1} of `{parsed.dag_id}`. "
-                f"Approve to move it to {final.percent:g} % for {human_duration(final.bake)}; Reject rolls it "
-                f"back to 0 %. No answer within {human_duration(parsed.approval.timeout)} rejects."
+                f"Approve to move it to {final.percent:g} % for {took(final.bake)}; Reject rolls it "
+                f"back to 0 %. No answer within {took(parsed.approval.timeout)} rejects."
             ),
             defaults=[ApprovalOperator.REJECT],
             response_timeout=parsed.approval.timeout,
@@ -132,8 +133,8 @@ class ApproveFinalStageOperator(GuardedQuestion, ApprovalOperator):
             rollout.canary_version,
             rollout.baseline_version,
             passed.get("checks") or ([passed["reason"]] if passed.get("reason") else []),
-            f"Approve moves it to {final.percent:g} % for {human_duration(final.bake)}; Reject rolls it back to "
-            f"0 %. No answer within {human_duration(self.spec.approval.timeout)} rejects.",
+            f"Approve moves it to {final.percent:g} % for {took(final.bake)}; Reject rolls it back to "
+            f"0 %. No answer within {took(self.spec.approval.timeout)} rejects.",
             report_url(context["dag"].dag_id, context["run_id"]),
         )
         return self.ask(context, rollout, stage, ApprovalOperator.REJECT, APPROVAL)
@@ -207,7 +208,7 @@ class DecideOperator(GuardedQuestion, HITLBranchOperator):
                     rollout.baseline_version,
                     final.get("checks") or [str(final.get("reason"))],
                     f"Promote makes it serve 100 %, {extend}Roll back takes it to 0 %. "
-                    f"No answer within {human_duration(p.ask_timeout)} rolls back.",
+                    f"No answer within {took(p.ask_timeout)} rolls back.",
                     report_url(context["dag"].dag_id, context["run_id"]),
                 )
                 return self.ask(context, rollout, stage, ROLL_BACK, DECISION)  # defers, watched by the guardrails

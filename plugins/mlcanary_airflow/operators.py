@@ -33,12 +33,13 @@ from mlcanary.routers.base import Router
 from mlcanary.spec import RolloutSpec
 from mlcanary.verdict import Verdict
 from mlcanary.warehouse.schema import create_schema
+from mlcanary.words import took
 from mlcanary_airflow import snapshots
 from mlcanary_airflow.hooks import WarehouseHook, mlflow_client, router_for
 from mlcanary_airflow.links import RolloutReportLink
 from mlcanary_airflow.notifiers import alert
 from mlcanary_airflow.run_notes import RUN_NOTE, run_note
-from mlcanary_airflow.triggers import GuardedWaitTrigger, human_duration
+from mlcanary_airflow.triggers import GuardedWaitTrigger
 
 BEGIN = "validate_and_lock"  # its XCom is the rollout's RolloutRef: what a rollback needs
 PENDING = "mlcanary_rollback"  # XCom of a task that rolled back but could not record it (or why it rolled back)
@@ -440,7 +441,7 @@ class ExtendOperator(AnalysisOperator, BranchMixIn):
         if result["verdict"] == Verdict.PASS.value:
             return self.do_branch(context, self.promote_task_id)
         reason = (
-            f"extended analysis still {result['verdict']} after {human_duration(self.spec.policies.max_extension)}: "
+            f"extended analysis still {result['verdict']} after {took(self.spec.policies.max_extension)}: "
             f"{result['reason']}"
         )
         self.roll_back_now(context, self.ref(context), reason)

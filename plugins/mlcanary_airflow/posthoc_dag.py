@@ -26,7 +26,8 @@ from airflow.sdk import DAG, BaseOperator, Context, CronDataIntervalTimetable, P
 from airflow.sdk.exceptions import AirflowFailException
 
 from mlcanary import posthoc
-from mlcanary.spec import VERSION_PATTERN, RolloutSpec, show_duration
+from mlcanary.spec import VERSION_PATTERN, RolloutSpec
+from mlcanary.words import took
 from mlcanary_airflow.operators import SpecTaskMixin
 
 RUN_TYPES = ["scheduled", "backfill", "manual"]
@@ -113,7 +114,7 @@ def build_posthoc_dag(spec: RolloutSpec, source: str | Path = "") -> DAG:
         f"### Post-hoc analysis of `{spec.model}`\n\n"
         f"One run per `{spec.posthoc.schedule}` interval (UTC): the slow analysis of that window for the "
         "versions the traffic history shows serving, stored once in `mlcanary_posthoc_results`. "
-        f"Each run waits until its labels are complete ({show_duration(delay)} after the window). "
+        f"Each run waits until its labels are complete ({took(delay)} after the window). "
         "Fill history with `airflow backfill create`; recompute with `--reprocess-behavior completed`. "
         "A paused DAG leaves a backfill's runs queued.  \n"
         f"Spec: `{source}`, analysis hash `{posthoc.spec_hash(spec)}`"

@@ -9,9 +9,10 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from mlcanary.lifecycle import Action, Step, after_guardrails
+from mlcanary.words import took
 from mlcanary_airflow.links import RolloutReportLink
 from mlcanary_airflow.operators import DECIDED, RolloutTaskMixin
-from mlcanary_airflow.triggers import GuardrailTrigger, human_duration
+from mlcanary_airflow.triggers import GuardrailTrigger
 
 
 class GuardrailSensor(RolloutTaskMixin, BaseOperator):
@@ -47,8 +48,8 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
             stage.percent,
             rollout.baseline_version,
             100 - stage.percent,
-            human_duration(bake),
-            human_duration(self.spec.guardrails.interval),
+            took(bake),
+            took(self.spec.guardrails.interval),
         )
         self.defer(
             trigger=GuardrailTrigger(
@@ -67,7 +68,7 @@ class GuardrailSensor(RolloutTaskMixin, BaseOperator):
         self.log.info(
             "stage %d healthy for %s over %d polls: %s",
             self.stage,
-            human_duration(event["healthy_seconds"]),
+            took(event["healthy_seconds"]),
             event["polls"],
             event["reason"],
         )

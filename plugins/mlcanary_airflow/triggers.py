@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from airflow.providers.standard.triggers.hitl import HITLTrigger
@@ -54,12 +54,6 @@ def _check_text(check: CheckResult) -> str:
     """``p99_latency_ms 212 ms < 250 ms ok``: the check's value against its limit, and its verdict."""
     said = check.reason.split(" (", 1)[0]
     return said if check.verdict is Verdict.INCONCLUSIVE and "no data" in said else f"{said} {_MARKS[check.verdict]}"
-
-
-def human_duration(duration: timedelta | float) -> str:
-    """A duration as a person reads it (:func:`mlcanary.words.took`): ``12 s``, ``2 min 30 s``."""
-    seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
-    return took(timedelta(seconds=seconds)) if math.isfinite(seconds) else "no limit"
 
 
 def poll_line(poll: int, stage: int, percent: float, where: str, result: GuardrailResult) -> str:
@@ -322,7 +316,7 @@ class _GuardrailPolls(BaseTrigger):
         """The poll in the task's log (a trigger's log lines go to its task's log): info when every
         check passed, warning (yellow in the UI) otherwise."""
         if math.isfinite(bake_seconds):
-            where = f"{human_duration(state.healthy_seconds)} of {human_duration(bake_seconds)} healthy"
+            where = f"{took(state.healthy_seconds)} of {took(bake_seconds)} healthy"
         else:
             where = f"waiting for {self.waiting_for or 'the next step'}"
         line = poll_line(state.polls, self.stage, spec.stages[self.stage - 1].percent, where, result)
