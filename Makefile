@@ -19,7 +19,7 @@ export MLCANARY_SNAPSHOT_DIR ?= $(AIRFLOW_HOME)/running-specs
 export AIRFLOW_CONN_MLCANARY_WAREHOUSE ?= {"conn_type": "sqlite", "host": "$(AIRFLOW_HOME)/warehouse.db"}
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test lint ui ui-port simulate clean
+.PHONY: demo test lint ui ui-port simulate clean system-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ demo: $(VENV)/.runtime  ## three real rollouts against the simulator (about 3 mi
 
 test: $(VENV)/.dev $(VENV)/prometheus/usr/bin/prometheus $(VENV)/.chromium $(VENV)/.compose lint  ## the whole test suite
 	$(BIN)/pytest
+
+# The distributed topology natively (CeleryExecutor, Redis, PostgreSQL, every component a process group)
+# with its faults; `make test` runs it too. -s prints the figures.
+system-test: $(VENV)/.dev  ## about 4 minutes
+	$(BIN)/pytest -m system -s tests/test_system_celery.py
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
