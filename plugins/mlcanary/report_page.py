@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 
 from mlcanary.lifecycle import Status
 from mlcanary.spec import MetricSpec, RolloutSpec, parse_spec
-from mlcanary.svg import COLOURS, Event, ForestPlot, ForestRow, PairedBars, Series, TimeChart
+from mlcanary.svg import COLOURS, Event, ForestPlot, ForestRow, PairedBars, Series, TimeChart, number
 from mlcanary.warehouse.engine import utcnow
 from mlcanary.warehouse.schema import decisions, measurements, rollouts, traffic_history
 from mlcanary.words import took
@@ -451,7 +451,7 @@ def status_colour(status: str) -> str:
 def _fmt(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "-"
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return number(value)
 
 
 _env = Environment(

@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 
 from mlcanary import posthoc, report_page, rollout_metrics
 from mlcanary.spec import load_specs
+from mlcanary.warehouse.engine import make_engine
 from mlcanary.warehouse.schema import posthoc_results, rollouts
 from mlcanary_airflow.hooks import WarehouseHook
 from mlcanary_airflow.links import APP_PREFIX, TAB_ROUTE
@@ -58,8 +59,6 @@ def warehouses() -> Iterator[Engine]:
             continue
         seen.add(url)
         if url not in _engines:
-            from mlcanary.warehouse.engine import make_engine
-
             _engines[url] = make_engine(url)
         yield _engines[url]
 
