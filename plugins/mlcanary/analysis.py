@@ -16,8 +16,7 @@ columns, score bin) with the sums the metrics need. pandas and numpy only see th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -25,13 +24,11 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Connection, Engine
 
-from mlcanary.spec import AnalysisSpec, MetricSpec, RolloutSpec
-from mlcanary.stats.auc import auc_from_bins
-from mlcanary.stats.calibration import ece_from_bins, ece_standard_error
+from mlcanary.metrics import ArmBins, Comparison, Estimator, estimator
+from mlcanary.spec import MetricSpec, RolloutSpec
 from mlcanary.stats.drift import drift
 from mlcanary.stats.gate import Evidence, weigh
 from mlcanary.stats.multiple import reject
-from mlcanary.stats.rates import LogRatio, mean_log_ratio, rate_log_ratio
 from mlcanary.tables import predictions_table
 from mlcanary.verdict import CheckResult, Verdict, combine, first_reason
 from mlcanary.warehouse import queries
@@ -78,28 +75,6 @@ class AnalysisResult:
             "flags": self.flags,
             "checks": [c.to_dict() for c in self.checks],
         }
-
-
-@dataclass(frozen=True)
-class _Arm:
-    """One version's bins for one segment: arrays over the score bins (NULL scores excluded)."""
-
-    totals: dict[str, float]  # the sums over every row, NULL scores included
-    bins: dict[str, np.ndarray]  # per score bin, bins -1 (NULL score) excluded
-
-
-@dataclass(frozen=True)
-class _Comparison:
-    """A metric's comparison as the tests need it: theta and SE on the test scale, and the bound."""
-
-    canary: float | None
-    baseline: float | None
-    theta: float
-    se: float
-    bound: float
-    n: float
-    to_display: Callable[[float], float]  # test scale -> the scale the reason shows
-    unit: str  # "relative" or "absolute"
 
 
 @dataclass(frozen=True)
@@ -172,12 +147,12 @@ def _binned(spec: RolloutSpec, table: queries.MappedTable) -> dict[str, tuple[An
 
 def _score_edges(spec: RolloutSpec, edges: dict[str, list[float]]) -> list[float]:
     """The score's quantile edges (taken out of ``edges``) with every precision/recall threshold added."""
-    thresholds = {m.threshold for m in spec.analysis.metrics if m.kind in ("precision", "recall")}
+    thresholds = {t for m in spec.analysis.metrics for t in estimator(m).score_edges()}
     return sorted(set(edges.pop(_SCORE)) | thresholds)
 
 
 def _measures(spec: RolloutSpec) -> list[str]:
-    return sorted({m for metric in spec.analysis.metrics for m in (*_needs(metric), *_checks_of(metric))})
+    return sorted({m for metric in spec.analysis.metrics for m in (*estimator(metric).needs(), *_checks_of(metric))})
 
 
 def _histograms(
@@ -227,23 +202,24 @@ def evaluate(
     checks: list[CheckResult] = []
     flags: list[str] = []
     for metric in a.metrics:
-        mine = [
-            _check(
-                spec,
-                metric,
-                column,
-                value,
-                score_edges,
-                window,
-                arms.get((baseline_version, column, value)),
-                arms.get((canary_version, column, value)),
-                critical.get((column, value)),
-            )
-            for column, value in groups
-        ]
-        mine = _correct(mine, a.alpha, a.correction)
-        checks += [c for c, _ in mine]
-        flags += _simpson(metric, [c for c, _ in mine])
+        mine = _metric_checks(
+            spec,
+            estimator(metric),
+            [
+                _Segment(
+                    column,
+                    value,
+                    arms.get((baseline_version, column, value)),
+                    arms.get((canary_version, column, value)),
+                )
+                for column, value in groups
+            ],
+            critical,
+            score_edges,
+            window,
+        )
+        checks += mine
+        flags += _simpson(estimator(metric), mine)
     flags += [
         f"segment column {c} has more than {a.max_segment_values} values: the {a.max_segment_values} most frequent "
         f"are compared one by one, the rest as {c}={queries.OTHER}"
@@ -334,7 +310,7 @@ class LookCube:
         return evaluate(spec, baseline_version, canary_version, window, agg)
 
 
-def _arms(segments: pd.DataFrame, n_edges: int) -> dict[tuple[str, str, str], _Arm]:
+def _arms(segments: pd.DataFrame, n_edges: int) -> dict[tuple[str, str, str], ArmBins]:
     """Every (version, column, value)'s sums and per-bin sums, in one vectorised pass (a segment
     column with 50 values makes 100 arms: a groupby loop per arm cost more than the scan)."""
     if segments.empty:
@@ -349,7 +325,7 @@ def _arms(segments: pd.DataFrame, n_edges: int) -> dict[tuple[str, str, str], _A
     bins = np.zeros((len(keys), n_edges + 1, len(measures)))
     np.add.at(bins, (codes[scored], b[scored]), values[scored])
     return {
-        tuple(key): _Arm(
+        tuple(key): ArmBins(
             {m: float(totals[i, j]) for j, m in enumerate(measures)},
             {m: bins[i, :, j] for j, m in enumerate(measures)},
         )
@@ -357,21 +333,10 @@ def _arms(segments: pd.DataFrame, n_edges: int) -> dict[tuple[str, str, str], _A
     }
 
 
-_SUMS = {
-    "label": ("y", "y2", False),
-    "score": ("s", "s2", True),
-    "abs_error": ("ad", "d2", True),
-    "squared_error": ("d2", "d4", True),
-}
-
-
-_BINARY_LABELS = ("rate", "precision", "recall", "auc", "calibration", "ece")
-
-
 def _checks_of(metric: MetricSpec) -> tuple[str, ...]:
     """The data checks (of :data:`queries.DATA_CHECKS`) a metric needs: finite labels and scores,
     and labels in {0, 1} for the kinds that read the label as an outcome."""
-    return queries.DATA_CHECKS if metric.kind in _BINARY_LABELS else ("y_nonfinite", "s_nonfinite")
+    return queries.DATA_CHECKS if estimator(metric).reads_outcomes else ("y_nonfinite", "s_nonfinite")
 
 
 _DATA_RULES = {
@@ -390,7 +355,7 @@ def _data_checks(
 ) -> list[CheckResult]:
     """An INVALID check for each rule the label-complete rows of an arm break, with how many broke it."""
     overall = segments[segments.column == OVERALL].groupby("version")[["n", *queries.DATA_CHECKS]].sum()
-    kinds = ", ".join(sorted({m.kind for m in spec.analysis.metrics if m.kind in _BINARY_LABELS}))
+    kinds = ", ".join(sorted({m.kind for m in spec.analysis.metrics if estimator(m).reads_outcomes}))
     out = []
     for version, arm in arms.items():
         if version not in overall.index:
@@ -415,237 +380,109 @@ def _data_checks(
     return out
 
 
-def _needs(metric: MetricSpec) -> tuple[str, ...]:
-    """The sums (of :data:`queries.BIN_MEASURES`) a metric is computed from; the count is always there."""
-    if metric.kind == "mean":
-        return _SUMS[metric.value][:2]
-    if metric.kind in ("calibration", "ece"):
-        return ("y", "s", "d2")
-    return ("y",)
+@dataclass(frozen=True)
+class _Segment:
+    """One segment of a metric's comparison: both arms' sums (None: the arm has no row there)."""
+
+    column: str
+    value: str
+    base: ArmBins | None
+    can: ArmBins | None
+
+    @property
+    def name(self) -> str:
+        return OVERALL if self.column == OVERALL else f"{self.column}={self.value}"
 
 
-def _compare(metric: MetricSpec, tolerance: float, edges: list[float], base: _Arm, can: _Arm) -> _Comparison:
-    """The metric for both arms, as an estimate on its test scale with a standard error."""
-    if metric.relative:
-        bound = math.log(1 - tolerance) if metric.better_up else math.log(1 + tolerance)
-        if metric.kind == "rate":
-            r = rate_log_ratio(can.totals["y"], int(can.totals["n"]), base.totals["y"], int(base.totals["n"]))
-            n = min(can.totals["n"], base.totals["n"])
-        elif metric.kind == "mean":
-            s, q, scored = _SUMS[metric.value]
-
-            def moments(arm: _Arm) -> tuple[int, float, float]:
-                if scored:
-                    return int(arm.bins["n"].sum()), float(arm.bins[s].sum()), float(arm.bins[q].sum())
-                return int(arm.totals["n"]), arm.totals[s], arm.totals[q]
-
-            (n_c, s_c, q_c), (n_b, s_b, q_b) = moments(can), moments(base)
-            r, n = mean_log_ratio(n_c, s_c, q_c, n_b, s_b, q_b), min(n_c, n_b)
-        else:  # precision / recall at the threshold: bins from the threshold's edge up are "positive"
-            first = edges.index(metric.threshold) + 1
-
-            def counts(arm: _Arm) -> tuple[float, float]:
-                tp = float(arm.bins["y"][first:].sum())
-                denominator = arm.bins["n"][first:].sum() if metric.kind == "precision" else arm.bins["y"].sum()
-                return tp, float(denominator)
-
-            (x_c, d_c), (x_b, d_b) = counts(can), counts(base)
-            r, n = rate_log_ratio(x_c, int(d_c), x_b, int(d_b)), min(d_c, d_b)
-        return _ratio(r, bound, n)
-    if metric.kind == "auc":
-        c = auc_from_bins(can.bins["y"], can.bins["n"] - can.bins["y"])
-        b = auc_from_bins(base.bins["y"], base.bins["n"] - base.bins["y"])
-        return _Comparison(
-            c.auc,
-            b.auc,
-            c.auc - b.auc,
-            math.sqrt(c.variance + b.variance),
-            -tolerance,
-            min(can.bins["n"].sum(), base.bins["n"].sum()),
-            lambda x: x,
-            "absolute",
-        )
-    if metric.kind == "calibration":  # how much further the canary's mean score is from its mean label
-
-        def citl(arm: _Arm) -> tuple[float, float, float]:
-            n = arm.bins["n"].sum()
-            if n < 2:
-                return math.nan, math.nan, n
-            gap = (arm.bins["s"].sum() - arm.bins["y"].sum()) / n
-            var = max(arm.bins["d2"].sum() / n - gap * gap, 0.0) * n / (n - 1)
-            return gap, var / n, n
-
-        (g_c, v_c, n_c), (g_b, v_b, n_b) = citl(can), citl(base)
-        return _Comparison(
-            g_c, g_b, abs(g_c) - abs(g_b), math.sqrt(v_c + v_b), tolerance, min(n_c, n_b), lambda x: x, "absolute"
-        )
-
-    # ece
-    def ece(arm: _Arm) -> tuple[float, float]:
-        bins = arm.bins
-        diff_sum = bins["s"] - bins["y"]
-        return ece_from_bins(bins["n"], bins["s"], bins["y"]), ece_standard_error(bins["n"], diff_sum, bins["d2"])
-
-    (e_c, se_c), (e_b, se_b) = ece(can), ece(base)
-    return _Comparison(
-        e_c,
-        e_b,
-        e_c - e_b,
-        math.sqrt(se_c**2 + se_b**2),
-        tolerance,
-        min(can.bins["n"].sum(), base.bins["n"].sum()),
-        lambda x: x,
-        "absolute",
-    )
-
-
-def _ratio(r: LogRatio, bound: float, n: float) -> _Comparison:
-    return _Comparison(r.canary, r.baseline, r.theta, r.se, bound, n, math.exp, "relative")
-
-
-def _check(
+def _metric_checks(
     spec: RolloutSpec,
-    metric: MetricSpec,
-    column: str,
-    value: str,
+    est: Estimator,
+    segments: list[_Segment],
+    critical: dict[tuple[str, str], float],
     edges: list[float],
     window: AnalysisWindow,
-    base: _Arm | None,
-    can: _Arm | None,
-    critical_tolerance: float | None,
-) -> tuple[CheckResult, Evidence | None]:
+) -> list[CheckResult]:
+    """One metric's check per segment. Each segment is weighed against its tolerance; the correction
+    across the metric's segments decides which are FAIL; then each check's verdict and reason are
+    written once."""
     a = spec.analysis
-    overall = column == OVERALL
-    segment = OVERALL if overall else f"{column}={value}"
-    where = "" if overall else f" for {segment}"
-    tolerance = critical_tolerance if (critical_tolerance is not None and metric.relative) else metric.tolerance
-    n_b = int(base.totals["n"]) if base else 0
-    n_c = int(can.totals["n"]) if can else 0
-    common = dict(
-        tier="analysis",
-        check=metric.name,
-        segment=segment,
-        window_start=window.start,
-        window_end=window.end,
-        canary_n=n_c,
-        baseline_n=n_b,
-        gating=metric.critical,
-        required=metric.critical and (overall or critical_tolerance is not None),
-    )
-    if base is None or can is None or min(n_b, n_c) < a.min_samples:
-        reason = (
-            f"{metric.name}{where}: too few labelled samples (canary {n_c:,}, baseline {n_b:,}; "
-            f"minimum {a.min_samples:,})"
-        )
-        return CheckResult(verdict=Verdict.INCONCLUSIVE, reason=reason, **common), None
-    cmp = _compare(metric, tolerance, edges, base, can)
-    threshold = cmp.to_display(cmp.bound)
-    values = dict(canary_value=_finite(cmp.canary), baseline_value=_finite(cmp.baseline), threshold=threshold)
-    if not (math.isfinite(cmp.theta) and math.isfinite(cmp.se)):
-        reason = f"{metric.name}{where}: cannot be compared (a mean is zero, or an arm lacks positives or negatives)"
-        return CheckResult(verdict=Verdict.INCONCLUSIVE, reason=reason, **common, **values), None
-    ev = weigh(
-        cmp.theta, cmp.se, cmp.bound, metric.better_up, a.alpha, cmp.n, a.sequential_n_star if a.sequential else None
-    )
-    result = CheckResult(
-        verdict=Verdict.PASS if ev.p_within <= a.alpha else Verdict.INCONCLUSIVE,
-        reason="",
-        ci_low=cmp.to_display(ev.low),
-        ci_high=cmp.to_display(ev.high),
-        **common,
-        **values,
-    )
-    return replace(result, reason=_reason(metric, where, cmp, ev, tolerance, n_c, n_b, a, result.verdict)), ev
-
-
-def _reason(
-    metric: MetricSpec,
-    where: str,
-    cmp: _Comparison,
-    ev: Evidence,
-    tolerance: float,
-    n_c: int,
-    n_b: int,
-    a: AnalysisSpec,
-    verdict: Verdict,
-) -> str:
+    metric = est.metric
     kind = "CS" if a.sequential else "CI"
     level = f"{100 * (1 - 2 * a.alpha):g} % {kind}"
-    outcome = {
-        Verdict.PASS: "within tolerance",
-        Verdict.FAIL: "worse than tolerance",
-        Verdict.INCONCLUSIVE: "not yet conclusive",
-    }[verdict]
-
-    def fmt(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.4g}"
-
-    if cmp.unit == "relative":
-        moved = "fell" if cmp.theta < 0 else "rose"
-        change = (
-            f"{moved} {fmt(cmp.canary if cmp.baseline is None else cmp.baseline)} → {fmt(cmp.canary)} "
-            f"({_rel(math.exp(cmp.theta))}, {level} {_rel(math.exp(ev.low))} … {_rel(math.exp(ev.high))})"
+    weighed: list[tuple[_Segment, dict[str, Any], Comparison | None, Evidence | None, str]] = []
+    for seg in segments:
+        overall = seg.column == OVERALL
+        where = "" if overall else f" for {seg.name}"
+        n_b, n_c = (seg.base.n if seg.base else 0), (seg.can.n if seg.can else 0)
+        tolerance = est.tolerance(critical.get((seg.column, seg.value)))
+        fields: dict[str, Any] = dict(
+            tier="analysis",
+            check=metric.name,
+            segment=seg.name,
+            window_start=window.start,
+            window_end=window.end,
+            canary_n=n_c,
+            baseline_n=n_b,
+            gating=metric.critical,
+            required=metric.critical and (overall or (seg.column, seg.value) in critical),
         )
-        tol = f"tolerance {100 * tolerance:g} %"
-        return f"{metric.name}{where} {change}, {tol}, n={n_c:,} canary / {n_b:,} baseline: {outcome}"
-    else:
-        label = {"auc": "AUC", "calibration": "|mean score - mean label|", "ece": "ECE"}[metric.kind]
-        base_v = abs(cmp.baseline) if metric.kind == "calibration" else cmp.baseline
-        can_v = abs(cmp.canary) if metric.kind == "calibration" else cmp.canary
-        change = (
-            f"{label} {fmt(base_v)} → {fmt(can_v)} (difference {cmp.theta:+.4f}, {level} "
-            f"{ev.low:+.4f} … {ev.high:+.4f})"
-        )
-        tol = f"tolerance {tolerance:g}"
-    return f"{metric.name}{where}: {change}, {tol}, n={n_c:,} canary / {n_b:,} baseline: {outcome}"
-
-
-def _correct(
-    checks: list[tuple[CheckResult, Evidence | None]], alpha: float, method: str
-) -> list[tuple[CheckResult, Evidence | None]]:
-    """FAIL where the correction across this metric's segments rejects 'not worse than tolerance'."""
-    tested = [i for i, (_, ev) in enumerate(checks) if ev is not None]
-    rejected = reject([checks[i][1].p_worse for i in tested], alpha, method)  # type: ignore[union-attr]
-    out = list(checks)
-    for i, bad in zip(tested, rejected, strict=True):
-        if bad:
-            check, ev = out[i]
-            out[i] = (
-                replace(check, verdict=Verdict.FAIL, reason=check.reason.rsplit(": ", 1)[0] + ": worse than tolerance"),
-                ev,
+        if seg.base is None or seg.can is None or min(n_b, n_c) < a.min_samples:
+            fields["reason"] = (
+                f"{metric.name}{where}: too few labelled samples (canary {n_c:,}, baseline {n_b:,}; "
+                f"minimum {a.min_samples:,})"
             )
+            weighed.append((seg, fields, None, None, ""))
+            continue
+        cmp = est.compare(seg.base, seg.can, edges)
+        bound = est.bound(tolerance)
+        fields |= dict(
+            canary_value=_finite(cmp.canary), baseline_value=_finite(cmp.baseline), threshold=est.display(bound)
+        )
+        if not (math.isfinite(cmp.theta) and math.isfinite(cmp.se)):
+            fields["reason"] = (
+                f"{metric.name}{where}: cannot be compared (a mean is zero, or an arm lacks positives or negatives)"
+            )
+            weighed.append((seg, fields, None, None, ""))
+            continue
+        n_star = a.sequential_n_star if a.sequential else None
+        ev = weigh(cmp.theta, cmp.se, bound, est.higher_is_better, a.alpha, cmp.n, n_star)
+        fields |= dict(ci_low=est.display(ev.low), ci_high=est.display(ev.high))
+        described = f"{est.describe(where, cmp, ev, level, tolerance)}, n={n_c:,} canary / {n_b:,} baseline"
+        weighed.append((seg, fields, cmp, ev, described))
+    tested = [ev.p_worse for _, _, _, ev, _ in weighed if ev is not None]
+    failed = iter(reject(tested, a.alpha, a.correction))
+    out = []
+    for _, fields, _, ev, described in weighed:
+        if ev is None:
+            out.append(CheckResult(verdict=Verdict.INCONCLUSIVE, **fields))
+            continue
+        verdict = Verdict.FAIL if next(failed) else Verdict.PASS if ev.p_within <= a.alpha else Verdict.INCONCLUSIVE
+        outcome = {
+            Verdict.PASS: "within tolerance",
+            Verdict.FAIL: "worse than tolerance",
+            Verdict.INCONCLUSIVE: "not yet conclusive",
+        }[verdict]
+        out.append(CheckResult(verdict=verdict, reason=f"{described}: {outcome}", **fields))
     return out
 
 
-def _point(metric: MetricSpec, check: CheckResult) -> float | None:
-    """The check's point estimate on the scale of its threshold (a ratio, or a difference)."""
-    c, b = check.canary_value, check.baseline_value
-    if c is None or b is None:
-        return None
-    if metric.relative:
-        return c / b if b else None
-    return abs(c) - abs(b) if metric.kind == "calibration" else c - b
-
-
-def _simpson(metric: MetricSpec, checks: list[CheckResult]) -> list[str]:
+def _simpson(est: Estimator, checks: list[CheckResult]) -> list[str]:
     """Flag an aggregate that improves while a segment's point estimate is beyond the tolerance."""
     overall = next((c for c in checks if c.segment == OVERALL), None)
-    point = None if overall is None else _point(metric, overall)
+    point = None if overall is None else est.point(overall.canary_value, overall.baseline_value)
     if point is None:
         return []
-    neutral = 1.0 if metric.relative else 0.0
-    if not (point > neutral if metric.better_up else point < neutral):
+    up = est.higher_is_better
+    if not (point > est.reference if up else point < est.reference):
         return []
     worse = []
     for c in checks:
-        p = _point(metric, c)
-        beyond = (
-            p is not None and c.threshold is not None and (p < c.threshold if metric.better_up else p > c.threshold)
-        )
+        p = est.point(c.canary_value, c.baseline_value)
+        beyond = p is not None and c.threshold is not None and (p < c.threshold if up else p > c.threshold)
         if c.segment != OVERALL and beyond:
             worse.append(f"{c.segment} ({c.verdict.value})")
     if worse:
-        return [f"{metric.name} improves overall while {', '.join(worse)} degrades beyond tolerance"]
+        return [f"{est.metric.name} improves overall while {', '.join(worse)} degrades beyond tolerance"]
     return []
 
 
@@ -759,7 +596,3 @@ def _drift_check(
 
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
-
-
-def _rel(ratio: float) -> str:
-    return f"{100 * (ratio - 1):+.1f} %"

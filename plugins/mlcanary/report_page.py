@@ -22,6 +22,7 @@ from markupsafe import Markup
 from sqlalchemy.engine import Connection
 
 from mlcanary.lifecycle import Status
+from mlcanary.metrics import Estimator, change, estimator
 from mlcanary.spec import MetricSpec, RolloutSpec, parse_spec
 from mlcanary.svg import COLOURS, Event, ForestPlot, ForestRow, PairedBars, Series, TimeChart, number
 from mlcanary.warehouse.engine import utcnow
@@ -244,36 +245,25 @@ class MetricView:
     reason: str
 
 
-def _metric_of(spec: RolloutSpec | None, name: str) -> MetricSpec | None:
-    return next((x for x in spec.analysis.metrics if x.name == name), None) if spec else None
+# A metric the spec no longer names is plotted as canary / baseline; its line is the recorded threshold.
+_UNNAMED = MetricSpec(name="unnamed", kind="rate", tolerance=0.05)
 
 
-def _point(metric: MetricSpec | None, m: sa.Row) -> float | None:
-    """The effect on the plot's scale: canary / baseline (relative metrics), else canary - baseline."""
-    c, b = m.canary_value, m.baseline_value
-    if c is None or b is None:
-        return None
-    if metric is None or metric.relative:
-        return c / b if b else None
-    if metric.kind == "calibration":
-        return abs(c) - abs(b)
-    return c - b
+def _estimator_of(spec: RolloutSpec | None, name: str) -> Estimator | None:
+    """The estimator of the spec's metric ``name``; the ratio scale without a spec; None if the spec
+    has no such metric (a data or split check)."""
+    if spec is None:
+        return estimator(_UNNAMED)
+    return next((estimator(x) for x in spec.analysis.metrics if x.name == name), None)
 
 
-def _change(ratio: float) -> str:
-    """A ratio as the change it is, as the reasons write it (``+8.9 %``)."""
-    return f"{(ratio - 1) * 100:+.1f} %"
+def _point(est: Estimator, m: sa.Row) -> float | None:
+    """The effect on the plot's scale: canary / baseline (relative metrics), else canary − baseline."""
+    return est.point(m.canary_value, m.baseline_value)
 
 
 def _difference(diff: float) -> str:
     return f"{diff:+.4f}"
-
-
-def tolerance_line(metric: MetricSpec) -> float:
-    """Where the tolerance lies on the plot's scale (as :func:`mlcanary.analysis._compare` sets the bound)."""
-    if metric.relative:
-        return 1 - metric.tolerance if metric.better_up else 1 + metric.tolerance
-    return -metric.tolerance if metric.kind == "auc" else metric.tolerance
 
 
 def metric_views(data: PageData) -> list[MetricView]:
@@ -284,46 +274,44 @@ def metric_views(data: PageData) -> list[MetricView]:
             by_metric.setdefault(m.check_name, []).append(m)
     out = []
     for name, rows in by_metric.items():
-        metric = _metric_of(data.spec, name)
-        if data.spec is not None and metric is None:  # a data or split check, listed in its table
+        est = _estimator_of(data.spec, name)
+        if est is None:  # a data or split check, listed in its table
             continue
         rows.sort(key=lambda m: (m.segment != "*", m.segment))
-        relative = metric is None or metric.relative
         tolerance = next((m.threshold for m in rows if m.segment == "*" and m.threshold is not None), None)
-        if tolerance is None and metric is not None:  # no comparison recorded: the spec's tolerance
-            tolerance = tolerance_line(metric)
+        if tolerance is None and data.spec is not None:  # no comparison recorded: the spec's tolerance
+            tolerance = est.tolerance_line()
         overall = next((m for m in rows if m.segment == "*"), rows[0])
         fr = [
             ForestRow(
                 "overall" if m.segment == "*" else m.segment,
                 m.ci_low,
-                _point(metric, m),
+                _point(est, m),
                 m.ci_high,
                 m.verdict,
                 f"{m.verdict}: {m.reason} (canary n={m.canary_n or 0:,}, baseline n={m.baseline_n or 0:,})",
             )
             for m in rows
         ]
-        what = "canary / baseline" if relative else "canary − baseline"
         segments = len(rows) - 1
         plot = ForestPlot(
             f"{name}: {overall.verdict} (" + (f"overall and {segments} segments)" if segments else "overall only)"),
             fr,
-            reference=1.0 if relative else 0.0,
+            reference=est.reference,
             tolerance=tolerance,
-            axis_label=what + (f" ({metric.kind})" if metric else ""),
-            text=_change if relative else _difference,
+            axis_label=est.axis + (f" ({est.metric.kind})" if data.spec else ""),
+            text=change if est.relative else _difference,
         ).render()
-        out.append(MetricView(name, plot, _trend(data, name, metric, tolerance), overall.verdict, overall.reason))
+        out.append(MetricView(name, plot, _trend(data, name, est, tolerance), overall.verdict, overall.reason))
     return out
 
 
-def _trend(data: PageData, name: str, metric: MetricSpec | None, tolerance: float | None) -> str:
+def _trend(data: PageData, name: str, est: Estimator, tolerance: float | None) -> str:
     """The overall effect and its interval at each look that compared, against the tolerance."""
     rows = [m for m in data.trend if m.check_name == name]
     if len(rows) < 2:
         return ""
-    points = [(m.measured_at, _point(metric, m)) for m in rows]
+    points = [(m.measured_at, _point(est, m)) for m in rows]
     limits = [] if tolerance is None else [(tolerance, f"tolerance {tolerance:.3g}")]
     marks = [
         (m.measured_at, p, COLOURS.get(m.verdict, "#777"), f"{m.verdict}: {m.reason}")
@@ -339,9 +327,9 @@ def _trend(data: PageData, name: str, metric: MetricSpec | None, tolerance: floa
         ],
         limits=limits,
         limit_colour=COLOURS["FAIL"],
-        y_label="canary / baseline" if metric is None or metric.relative else "canary − baseline",
+        y_label=est.axis,
         span=_span(data),
-        reference=1.0 if metric is None or metric.relative else 0.0,
+        reference=est.reference,
         height=180,
     ).render()
 

@@ -316,17 +316,6 @@ class MetricSpec(_Model):
             raise ValueError(f"{self.kind} is higher-is-better by definition")
         return self
 
-    @property
-    def relative(self) -> bool:
-        return self.kind in ("rate", "mean", "precision", "recall")
-
-    @property
-    def better_up(self) -> bool:
-        """Whether a larger value of the metric is better."""
-        if self.kind in ("calibration", "ece"):
-            return False
-        return self.higher_is_better
-
 
 class CriticalSegment(_Model):
     column: Identifier
