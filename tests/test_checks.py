@@ -159,6 +159,27 @@ def test_healthy_canary_passes_when_evidence_is_enough(
     assert result.verdict is Verdict.PASS
 
 
+def test_an_inconclusive_result_cites_the_required_check_that_is_not_conclusive(
+    engine: sa.Engine, write_batch: Writer
+) -> None:
+    """A healthy canary whose CTR passes overall while its segments and the AUC are still open: the
+    result names the AUC overall (required), not the first open segment (not required)."""
+    analysis = {
+        **base_spec()["analysis"],
+        "metrics": [{"name": "ctr", "tolerance": 0.1}, {"name": "auc", "kind": "auc", "tolerance": 0.0005}],
+    }
+    spec = parse_spec(base_spec(analysis=analysis))
+    now = write_batch(engine, minutes=20, rate=50, canary_percent=40)
+    result = _analyze(engine, spec, now)
+    open_checks = [c for c in result.checks if c.verdict is not Verdict.PASS]
+    assert result.verdict is Verdict.INCONCLUSIVE, result.reason
+    assert next(c for c in result.checks if (c.check, c.segment) == ("ctr", "*")).verdict is Verdict.PASS
+    assert not open_checks[0].required  # what the result cited before: a segment nobody requires
+    decided = next(c for c in open_checks if c.required)
+    assert (decided.check, decided.segment) == ("auc", "*")
+    assert result.reason.startswith(decided.reason) and result.reason.startswith("auc: AUC")
+
+
 def test_small_samples_are_inconclusive_never_pass(engine: sa.Engine, spec: RolloutSpec, write_batch: Writer) -> None:
     now = write_batch(engine, minutes=1, rate=10)
     result = _analyze(engine, spec, now)

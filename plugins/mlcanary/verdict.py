@@ -61,12 +61,26 @@ def combine(checks: list[CheckResult]) -> Verdict:
     return Verdict.INCONCLUSIVE
 
 
-def first_reason(checks: list[CheckResult], verdict: Verdict) -> str:
-    """The reason of the first check that explains ``verdict``, for one-line summaries."""
+def deciding(checks: list[CheckResult], verdict: Verdict) -> CheckResult | None:
+    """The check that decided ``verdict`` as :func:`combine` reached it: the first gating FAIL, the
+    first INVALID, or, for INCONCLUSIVE, the first required check that has not passed (a
+    non-required one only when no check is required)."""
+    if verdict is Verdict.INCONCLUSIVE:
+        candidates = [c for c in checks if c.required] or checks
+        return next((c for c in candidates if c.verdict is not Verdict.PASS), None)
     for c in checks:
         if c.verdict is verdict and (c.gating or verdict is not Verdict.FAIL):
-            return c.reason
-    for c in checks:
-        if c.verdict is not Verdict.PASS:
-            return c.reason
-    return "all checks passed" if checks else "no checks configured"
+            return c
+    return next((c for c in checks if c.verdict is not Verdict.PASS), None)
+
+
+def first_reason(checks: list[CheckResult], verdict: Verdict) -> str:
+    """The reason of the check that decided ``verdict`` (:func:`deciding`), for one-line summaries."""
+    c = deciding(checks, verdict)
+    if c is not None:
+        return c.reason
+    if not checks:
+        return "no checks configured"
+    if verdict is Verdict.INCONCLUSIVE:
+        return "every check passed, but none is required to (no critical metric): nothing can decide a PASS"
+    return "all checks passed"
