@@ -23,6 +23,8 @@ from mlcanary import replay as replays
 from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.audit import record_checks
 from mlcanary.guardrails import evaluate_guardrails
+from mlcanary.metrics import change
+from mlcanary.plan import MetricPlan, plan
 from mlcanary.preflight import check_warehouse
 from mlcanary.report import format_report, format_table, recent_rollouts, rollout_report
 from mlcanary.routers.base import Split
@@ -314,6 +316,78 @@ def _after(at: datetime | None, start: datetime) -> str:
     return "-" if at is None else took(at - start)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per stage and metric, what the look at the end of the bake resolves with the planned power."""
+    spec = load_spec(args.spec)
+    try:
+        plans = plan(spec, args.rate, args.baseline_ctr, args.power, args.segment_values)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps([_plan_dict(p) for p in plans], indent=2))
+        return 0
+    a = spec.analysis
+    kind = f"confidence sequence (n* = {a.sequential_n_star:,})" if a.sequential else "fixed-horizon interval"
+    print(
+        f"{spec.name}: {args.rate:g} requests/s, baseline CTR {args.baseline_ctr:g}, power {args.power:g}, "
+        f"alpha {a.alpha:g}"
+        + (f" / {1 + args.segment_values}" if args.segment_values else "")
+        + f", {kind}; each stage's last look: label delay {took(a.label_delay)}, window {took(a.window)}"
+    )
+    rows = [
+        [
+            str(p.rows.stage),
+            f"{p.rows.percent:g} %",
+            took(p.rows.bake),
+            f"{p.rows.canary:,.0f} / {p.rows.baseline:,.0f}",
+            f"{p.metric} ({p.kind})",
+            f"{100 * p.tolerance:g} %",
+            *_plan_cells(p),
+        ]
+        for p in plans
+    ]
+    header = ["stage", "share", "bake", "canary / baseline rows", "metric", "tolerance", "fails at", "passes at"]
+    print(format_table(rows, [*header, "for no change to pass"]))
+    print(
+        f"fails at: a change at least this bad FAILs with probability {args.power:g}; passes at: a change at least "
+        f"this good PASSes with it; the last column: the rows (and this stage's bake) at which no change PASSes "
+        f"with it (and a change one tolerance past the limit FAILs). The overall check; a segment has its share "
+        f"of the rows."
+    )
+    return 0
+
+
+def _plan_cells(p: MetricPlan) -> list[str]:
+    if p.fails_at is None or p.passes_at is None:
+        return ["-", "-", p.note]
+    if p.rows_needed is None:
+        needed = "never"
+    elif p.bake_needed is None:
+        needed = f"{p.rows_needed:,.0f} canary rows: more than the window holds"
+    else:
+        needed = f"{p.rows_needed:,.0f} canary rows, a bake of {took(p.bake_needed)}"
+    return [change(p.fails_at), change(p.passes_at), needed]
+
+
+def _plan_dict(p: MetricPlan) -> dict[str, Any]:
+    return {
+        "stage": p.rows.stage,
+        "percent": p.rows.percent,
+        "bake_s": p.rows.bake.total_seconds(),
+        "canary_rows": p.rows.canary,
+        "baseline_rows": p.rows.baseline,
+        "metric": p.metric,
+        "kind": p.kind,
+        "tolerance": p.tolerance,
+        "se": p.se,
+        "fails_at": p.fails_at,
+        "passes_at": p.passes_at,
+        "rows_needed": p.rows_needed,
+        "bake_needed_s": None if p.bake_needed is None else p.bake_needed.total_seconds(),
+        "note": p.note,
+    }
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     paths: list[Path] = []
     for p in map(Path, args.paths):
@@ -526,6 +600,27 @@ def build_parser(extend: Callable[[Commands], None] | None = None) -> argparse.A
     p.add_argument("--end", type=_time, help="without --rollout: no data after this is read (default: now)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "plan",
+        help="power planner: the changes each stage's look can detect at a request rate and baseline CTR",
+        description="Per stage and metric: the labelled rows of the look at the end of the bake, the change that "
+        "FAILs and the one that PASSes with the planned power, and the rows and bake at which a canary with no "
+        "change PASSes with it, from the spec's confidence sequence. Kinds that need the scores' distribution "
+        "(auc, precision, recall, calibration, ece, means of the score or error) are listed but not planned.",
+    )
+    p.add_argument("--spec", required=True, type=Path)
+    p.add_argument("--rate", required=True, type=float, help="the model's requests per second (both arms)")
+    p.add_argument("--baseline-ctr", required=True, type=float, help="the baseline's rate metric, e.g. 0.05")
+    p.add_argument("--power", type=float, default=0.8, help="default 0.8")
+    p.add_argument(
+        "--segment-values",
+        type=int,
+        default=0,
+        help="segment values compared beside the overall check: Holm tests it at alpha / (1 + this)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("validate", help="validate rollout spec files or folders")
     p.add_argument("paths", nargs="+")

@@ -82,6 +82,11 @@ class Estimator(ABC):
     def higher_is_better(self) -> bool:
         return self.metric.higher_is_better
 
+    @property
+    def label_only(self) -> bool:
+        """Compared from the label's sums alone (so a CTR gives its standard error)."""
+        return False
+
     def needs(self) -> tuple[str, ...]:
         """The sums the kind is computed from (the count is always there)."""
         return ("y",)
@@ -179,7 +184,11 @@ class Absolute(Estimator):
 
 
 class Rate(Relative):
-    """The mean of the 0/1 label (CTR, conversion): Poisson log rate ratio, :func:`rate_log_ratio`."""
+    """The mean of the 0/1 label (CTR, conversion): Katz log rate ratio, :func:`rate_log_ratio`."""
+
+    @property
+    def label_only(self) -> bool:
+        return True
 
     def compare(self, base: ArmBins, can: ArmBins, edges: list[float]) -> Comparison:
         r = rate_log_ratio(can.totals["y"], can.n, base.totals["y"], base.n)
@@ -210,6 +219,10 @@ class Mean(Relative):
     @property
     def source(self) -> MeanSource:
         return self.SOURCES[self.metric.value]
+
+    @property
+    def label_only(self) -> bool:
+        return self.metric.value == "label"
 
     def needs(self) -> tuple[str, ...]:
         return (self.source.total, self.source.square)
