@@ -50,11 +50,17 @@ $(VENV)/.compose: scripts/fetch_compose.sh | $(BIN)/python
 	scripts/fetch_compose.sh
 	@if command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; then touch $@; fi
 
+# The outside oracles (gbstats, Evidently) in a venv of their own: their numpy and pandas conflict with ours.
+$(VENV)/oracles/.installed: requirements-oracles.txt | $(BIN)/python
+	$(PYTHON) -m venv $(VENV)/oracles
+	$(VENV)/oracles/bin/pip install -q -r requirements-oracles.txt
+	touch $@
+
 demo: $(VENV)/.runtime  ## three real rollouts against the simulator (about 3 minutes)
 	@mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/python scripts/demo.py
 
-test: $(VENV)/.dev $(VENV)/prometheus/usr/bin/prometheus $(VENV)/.chromium $(VENV)/.compose lint  ## the whole test suite
+test: $(VENV)/.dev $(VENV)/prometheus/usr/bin/prometheus $(VENV)/.chromium $(VENV)/.compose $(VENV)/oracles/.installed lint  ## the whole test suite
 	$(BIN)/pytest
 
 # The distributed topology natively (CeleryExecutor, Redis, PostgreSQL, every component a process group)
