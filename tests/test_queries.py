@@ -21,8 +21,8 @@ from mlcanary.warehouse.queries import (
     mapped_table,
     quantile_edges,
     request_counts,
-    sample_histograms,
     scan_slices,
+    window_histograms,
 )
 from mlcanary.warehouse.schema import predictions
 
@@ -127,8 +127,7 @@ def test_binned_aggregates_match_a_pandas_groupby(any_engine: sa.Engine) -> None
         got = _records(conn, t, "m", ["v1", "v2"], start, end, asof, ["user_cohort"], edges)
         only_y = _records(conn, t, "m", ["v1", "v2"], start, end, asof, [], edges, ["y"])
         wanted = {"f1": (t.col("f1"), f_edges), "score": (t.col("score"), edges)}
-        hists = sample_histograms(conn, t, "m", ["v1", "v2"], start, end, wanted, 100_000)
-        recent = sample_histograms(conn, t, "m", ["v1", "v2"], start, end, wanted, 50)
+        hists = window_histograms(conn, t, "m", ["v1", "v2"], start, end, wanted)
     sel = df[(df.ts >= start) & (df.ts < end) & df.label.notna() & (df.label_ts <= asof)].copy()
     sel["bin"] = np.searchsorted(edges, sel.score, side="right")
     sel["d"] = sel.score - sel.label
@@ -139,12 +138,9 @@ def test_binned_aggregates_match_a_pandas_groupby(any_engine: sa.Engine) -> None
         expected[(version, "user_cohort", cohort, b)] = g
     for version in ("v1", "v2"):
         arm = df[(df.model_version == version) & (df.ts >= start) & (df.ts < end)]
-        latest = arm.sort_values("ts").tail(50)
-        for name, e in (("f1", f_edges), ("score", edges)):
-            assert hists[(version, name)] == list(np.bincount(np.searchsorted(e, arm[name], side="right"), minlength=4))
-            assert recent[(version, name)] == list(
-                np.bincount(np.searchsorted(e, latest[name], side="right"), minlength=4)
-            )
+        for name, e in (("f1", f_edges), ("score", edges)):  # every row of the window, NULLs left out
+            present = arm[name].dropna()
+            assert hists[(version, name)] == list(np.bincount(np.searchsorted(e, present, side="right"), minlength=4))
     assert {(r["version"], r["column"], r["value"], r["bin"]) for r in got} == set(expected)
     for r in only_y:  # a subset of the measures: the others are not computed
         g = expected[(r["version"], OVERALL, OVERALL, r["bin"])]

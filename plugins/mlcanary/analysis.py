@@ -163,12 +163,12 @@ def _histograms(
     window: AnalysisWindow,
     edges: dict[str, list[float]],
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Input drift on each arm's most recent rows: PSI noise is about bins / sample size."""
+    """Input drift over the whole window: each arm's counts per feature bin (baseline deciles)."""
     a = spec.analysis
     if not a.drift.features:
         return {}
     table = _table(spec)
-    hist = queries.sample_histograms(
+    hist = queries.window_histograms(
         conn,
         table,
         spec.model,
@@ -176,7 +176,6 @@ def _histograms(
         window.start,
         window.end,
         {f: (table.col(f), edges[f]) for f in a.drift.features},
-        a.edge_sample,
     )
     return {
         f: (np.array(hist[(baseline_version, f)], dtype=float), np.array(hist[(canary_version, f)], dtype=float))

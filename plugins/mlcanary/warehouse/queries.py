@@ -250,7 +250,7 @@ def quantile_edges(
     return {n: sorted({u for _, u in sorted(found)[:-1]}) for n, found in uppers.items()}
 
 
-def sample_histograms(
+def window_histograms(
     conn: Connection,
     t: MappedTable,
     model: str,
@@ -258,28 +258,34 @@ def sample_histograms(
     start: datetime,
     end: datetime,
     columns: Mapping[str, tuple[ColumnElement, Sequence[float]]],
-    sample_rows: int,
 ) -> dict[tuple[str, str], list[int]]:
-    """Counts per bin (``len(edges) + 1`` bins, NULLs left out) of each named ``(value, edges)`` over
-    each version's most recent ``sample_rows`` rows of the window, keyed by (version, name).
+    """Counts per bin (``len(edges) + 1`` bins as :func:`bin_index` numbers them, NULLs left out) of
+    each named ``(value, edges)`` over every row of each version in ``[start, end)``, keyed by
+    (version, name).
 
-    One statement: the versions' tail samples (as in :func:`quantile_edges`) in one CTE, grouped by
-    version and bin once per value.
+    One GROUP BY version with, per value, its non-NULL count and its count below each edge: the
+    bins are their differences. A pass over the window whose groups are the versions, whatever the
+    dialect (SQLite has no GROUPING SETS) and with no sort.
     """
     names = list(columns)
-    values = [columns[n][0] for n in names]
-    cte = _tails(t, model, versions, start, end, values, sample_rows)
-    dialect = conn.dialect.name
-    branches = []
-    for i, name in enumerate(names):
-        b = bin_index(cte.c[f"c{i}"], columns[name][1], dialect).label("b")
-        branches.append(
-            sa.select(sa.literal(i).label("k"), cte.c.arm, b, sa.func.count().label("n")).group_by(cte.c.arm, b)
-        )
-    counts = {(v, n): [0] * (len(columns[n][1]) + 1) for v in versions for n in names}
-    for k, arm, b, n in conn.execute(sa.union_all(*branches)):
-        if b is not None and b >= 0:
-            counts[(versions[int(arm)], names[int(k)])][int(b)] = int(n)
+    sums: list[ColumnElement] = []
+    for name in names:
+        value, edges = columns[name]
+        sums.append(sa.func.count(value))
+        sums += [count_where(value < sa.literal(float(e))) for e in edges]
+    version = t.col("version")
+    where = [t.col("model") == model, version.in_(list(versions)), t.col("ts") >= start, t.col("ts") < end]
+    found = {row[0]: row[1:] for row in conn.execute(sa.select(version, *sums).where(*where).group_by(version))}
+    counts: dict[tuple[str, str], list[int]] = {}
+    for v in versions:
+        row = [int(x or 0) for x in found.get(v, [0] * len(sums))]
+        at = 0
+        for name in names:
+            k = len(columns[name][1])
+            total, below = row[at], row[at + 1 : at + 1 + k]
+            cumulative = [0, *below, total]
+            counts[(v, name)] = [cumulative[i + 1] - cumulative[i] for i in range(k + 1)]
+            at += k + 1
     return counts
 
 
