@@ -341,7 +341,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             took(p.rows.bake),
             f"{p.rows.canary:,.0f} / {p.rows.baseline:,.0f}",
             f"{p.metric} ({p.kind})",
-            f"{100 * p.tolerance:g} %",
+            f"{100 * p.tolerance:g} %" if p.relative else f"{p.tolerance:g}",
             *_plan_cells(p),
         ]
         for p in plans
@@ -366,7 +366,8 @@ def _plan_cells(p: MetricPlan) -> list[str]:
         needed = f"{p.rows_needed:,.0f} canary rows: more than the window holds"
     else:
         needed = f"{p.rows_needed:,.0f} canary rows, a bake of {took(p.bake_needed)}"
-    return [change(p.fails_at), change(p.passes_at), needed]
+    shown = change if p.relative else (lambda d: f"{d:+.4f}")
+    return [shown(p.fails_at), shown(p.passes_at), needed]
 
 
 def _plan_dict(p: MetricPlan) -> dict[str, Any]:
@@ -378,6 +379,7 @@ def _plan_dict(p: MetricPlan) -> dict[str, Any]:
         "baseline_rows": p.rows.baseline,
         "metric": p.metric,
         "kind": p.kind,
+        "relative": p.relative,
         "tolerance": p.tolerance,
         "se": p.se,
         "fails_at": p.fails_at,

@@ -46,6 +46,7 @@ class MetricPlan:
     rows: StageRows
     metric: str
     kind: str
+    relative: bool  # tolerance and changes as ratios (else differences in the metric's unit)
     tolerance: float
     se: float | None = None  # on the test scale (log ratio or difference); None: not planned
     fails_at: float | None = None  # a change (shown scale: ratio or difference) at or beyond this FAILs with `power`
@@ -128,7 +129,9 @@ def plan(
         rows = window_rows(spec, rate, k)
         for metric in spec.analysis.metrics:
             est = estimator(metric)
-            common = dict(rows=rows, metric=metric.name, kind=metric.kind, tolerance=metric.tolerance)
+            common = dict(
+                rows=rows, metric=metric.name, kind=metric.kind, relative=est.relative, tolerance=metric.tolerance
+            )
             if not est.label_only:
                 note = f"{metric.kind}: its standard error needs the scores' distribution, not planned from a CTR"
                 out.append(MetricPlan(**common, note=note))
