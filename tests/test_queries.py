@@ -17,6 +17,7 @@ from mlcanary.warehouse.queries import (
     Requests,
     bin_index,
     binned_frame,
+    indexed,
     latency_quantile,
     mapped_table,
     quantile_edges,
@@ -109,11 +110,22 @@ def test_quantile_edges_and_bins_match_numpy(any_engine: sa.Engine) -> None:
         # NTILE: the first tiles take the remainder; the last tile's upper is no inner edge
         return sorted({tile.max() for tile in np.array_split(np.sort(values), bins)[:-1]})
 
-    assert edges["score"] == pytest.approx(tile_uppers(v1.score.to_numpy(), 10))
-    assert edges["latency"] == pytest.approx(tile_uppers(v1.latency_ms.to_numpy(), 4))
-    latest = v1.sort_values("ts").tail(200)
-    assert sample["score"] == pytest.approx(tile_uppers(latest.score.to_numpy(), 10))
-    assert sample["latency"] == pytest.approx(tile_uppers(latest.latency_ms.to_numpy(), 4))
+    if indexed(any_engine.dialect.name):  # NTILE over the most recent rows
+        assert edges["score"] == pytest.approx(tile_uppers(v1.score.to_numpy(), 10))
+        assert edges["latency"] == pytest.approx(tile_uppers(v1.latency_ms.to_numpy(), 4))
+        latest = v1.sort_values("ts").tail(200)
+        assert sample["score"] == pytest.approx(tile_uppers(latest.score.to_numpy(), 10))
+        assert sample["latency"] == pytest.approx(tile_uppers(latest.latency_ms.to_numpy(), 4))
+        return
+    # DuckDB: quantile_disc (the inverted CDF) over all rows, or a seeded Bernoulli sample of the window
+    for name, values, bins in (("score", v1.score, 10), ("latency", v1.latency_ms, 4)):
+        k = [i / bins for i in range(1, bins)]
+        assert edges[name] == pytest.approx(sorted(set(np.quantile(values.dropna(), k, method="inverted_cdf"))))
+        assert set(sample[name]) <= set(values) and len(sample[name]) == bins - 1
+        tiles = np.bincount(np.searchsorted(sample[name], values.dropna(), side="right"), minlength=bins)
+        assert tiles.min() > 0.4 * len(values.dropna()) / bins  # a sample of ~200 rows: tiles of about a tenth
+    with any_engine.connect() as conn:
+        assert quantile_edges(conn, t, "m", "v1", start, end, columns, 200) == sample  # seeded: the same edges
 
 
 def test_binned_aggregates_match_a_pandas_groupby(any_engine: sa.Engine) -> None:

@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
 
 OVERALL = "*"
 OTHER = "(other)"  # the segment that holds a column's values beyond its cap
@@ -33,9 +35,30 @@ def not_finite(x: ColumnElement) -> ColumnElement:
     return sa.not_(x.between(-FLOAT_MAX, FLOAT_MAX))
 
 
+class CountWhere(FunctionElement[int]):
+    """How many rows of the group meet a condition: ``coalesce(sum(CASE WHEN c THEN 1 ELSE 0 END), 0)``,
+    on DuckDB ``count_if(c)`` (half the time there: 47 ms against 96 ms for 45 of them at 1 M rows)."""
+
+    type = sa.BigInteger()
+    name = "count_where"
+    inherit_cache = True
+
+
+@compiles(CountWhere)
+def _count_where(element: CountWhere, compiler: Any, **kw: Any) -> str:
+    (condition,) = element.clauses
+    return compiler.process(sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0), **kw)
+
+
+@compiles(CountWhere, "duckdb")
+def _count_if(element: CountWhere, compiler: Any, **kw: Any) -> str:
+    (condition,) = element.clauses
+    return compiler.process(sa.func.coalesce(sa.func.count_if(condition), 0), **kw)  # NULL over no rows
+
+
 def count_where(condition: ColumnElement) -> ColumnElement:
     """How many rows of the group meet ``condition`` (a data check, in the same pass as the sums)."""
-    return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+    return CountWhere(condition)
 
 
 @dataclass(frozen=True)
@@ -211,6 +234,14 @@ def _tails(
     return _materialized(sa.union_all(*arms).cte("tails"))
 
 
+def indexed(dialect: str) -> bool:
+    """Whether "the most recent N rows" of a version is one bounded index lookup on (model, version,
+    ts), as on SQLite and PostgreSQL. DuckDB has no such index: a top-N of the window scans it all
+    and keeps a heap, so there the bin edges come from a sample of the whole window and the segment
+    values from all of its rows."""
+    return dialect != "duckdb"
+
+
 def quantile_edges(
     conn: Connection,
     t: MappedTable,
@@ -222,12 +253,16 @@ def quantile_edges(
     sample_rows: int,
 ) -> dict[str, list[float]]:
     """For each named ``(value, bins)``: the inner edges of ``bins`` equal-count tiles of ``value``
-    for one version (distinct, ascending).
+    for one version (distinct, ascending), from ``sample_rows`` rows of the window.
 
-    One statement: NTILE per value over the version's most recent ``sample_rows`` rows of the window,
-    a bounded sort whatever the size of the window. The sample is a materialised CTE.
+    One statement. Indexed dialects (:func:`indexed`): NTILE per value over the version's most recent
+    ``sample_rows`` rows, a bounded sort whatever the size of the window (a materialised CTE).
+    DuckDB: ``quantile_disc`` at k / bins over a seeded Bernoulli sample of the window's rows
+    (:func:`_sampled_edges`), one pass with no sort of the window.
     """
     names = list(columns)
+    if not indexed(conn.dialect.name):
+        return _sampled_edges(conn, t, model, version, start, end, columns, sample_rows)
     sample = _tail_sample(t, model, version, start, end, [columns[n][0] for n in names], sample_rows)
     cte = _materialized(sa.select(sample).cte("tail"))
     branches = []
@@ -248,6 +283,37 @@ def quantile_edges(
         if upper is not None:
             uppers[names[int(k)]].append((int(tile), float(upper)))
     return {n: sorted({u for _, u in sorted(found)[:-1]}) for n, found in uppers.items()}
+
+
+def _sampled_edges(
+    conn: Connection,
+    t: MappedTable,
+    model: str,
+    version: str,
+    start: datetime,
+    end: datetime,
+    columns: Mapping[str, tuple[ColumnElement, int]],
+    sample_rows: int,
+) -> dict[str, list[float]]:
+    """DuckDB's :func:`quantile_edges`: ``quantile_disc`` over a seeded Bernoulli sample of about
+    ``sample_rows`` of the window's rows (the rate from a count, which DuckDB answers from its
+    column statistics and zone maps). Measured at 1 M rows: 1.6 ms for the count and 36 ms for the
+    sample, against 67 ms for the most recent rows (a top-N) and 78 ms for a reservoir."""
+    names = list(columns)
+    where = _arm_filter(t, model, version, start, end)
+    total = int(conn.execute(sa.select(sa.func.count()).where(*where)).scalar() or 0)
+    rows = sa.select(*(columns[n][0].label(f"c{i}") for i, n in enumerate(names))).where(*where).subquery()
+
+    def fractions(bins: int) -> ColumnElement:  # generated numbers, never input: a literal list
+        return sa.literal_column("[" + ", ".join(repr(k / bins) for k in range(1, bins)) + "]")
+
+    stmt = sa.select(
+        *(sa.func.quantile_disc(rows.c[f"c{i}"], fractions(columns[n][1])) for i, n in enumerate(names))
+    ).select_from(rows)
+    if total > sample_rows:
+        stmt = stmt.suffix_with(f"USING SAMPLE {100 * sample_rows / total:.6f}% (bernoulli, 1)")
+    found = conn.execute(stmt).one()
+    return {n: sorted({float(v) for v in (found[i] or []) if v is not None}) for i, n in enumerate(names)}
 
 
 def window_histograms(
@@ -605,15 +671,22 @@ def sample_value_counts(
     columns: Sequence[str],
     sample_rows: int,
 ) -> dict[str, list[tuple[Any, int]]]:
-    """The distinct non-NULL values of each column in the versions' most recent ``sample_rows``
-    rows, with their counts, most frequent first."""
+    """The distinct non-NULL values of each column with their counts, most frequent first: in the
+    versions' most recent ``sample_rows`` rows on indexed dialects (:func:`indexed`), in every row of
+    the window on DuckDB (a GROUP BY per column costs less there than finding the most recent rows)."""
     values = [t.col(c) for c in columns]
-    cte = _tails(t, model, versions, start, end, values, sample_rows)
+    if indexed(conn.dialect.name):
+        cte = _tails(t, model, versions, start, end, values, sample_rows)
+        source = [cte.c[f"c{i}"] for i in range(len(columns))]
+        where: list[ColumnElement] = []
+    else:
+        source = values
+        where = [t.col("model") == model, t.col("version").in_(list(versions)), t.col("ts") >= start, t.col("ts") < end]
     branches = [
-        sa.select(sa.literal(i).label("k"), cte.c[f"c{i}"].label("v"), sa.func.count().label("n"))
-        .where(cte.c[f"c{i}"].is_not(None))
-        .group_by(cte.c[f"c{i}"])
-        for i in range(len(columns))
+        sa.select(sa.literal(i).label("k"), v.label("v"), sa.func.count().label("n"))
+        .where(*where, v.is_not(None))
+        .group_by(v)
+        for i, v in enumerate(source)
     ]
     found: dict[str, list[tuple[Any, int]]] = {c: [] for c in columns}
     for k, v, n in conn.execute(sa.union_all(*branches)):
