@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -324,6 +324,7 @@ def window_histograms(
     start: datetime,
     end: datetime,
     columns: Mapping[str, tuple[ColumnElement, Sequence[float]]],
+    slices: int | None = None,
 ) -> dict[tuple[str, str], list[int]]:
     """Counts per bin (``len(edges) + 1`` bins as :func:`bin_index` numbers them, NULLs left out) of
     each named ``(value, edges)`` over every row of each version in ``[start, end)``, keyed by
@@ -331,7 +332,8 @@ def window_histograms(
 
     One GROUP BY version with, per value, its non-NULL count and its count below each edge: the
     bins are their differences. A pass over the window whose groups are the versions, whatever the
-    dialect (SQLite has no GROUPING SETS) and with no sort.
+    dialect (SQLite has no GROUPING SETS) and with no sort; in time slices run at once, as
+    :func:`binned_frame`'s scan.
     """
     names = list(columns)
     sums: list[ColumnElement] = []
@@ -340,11 +342,17 @@ def window_histograms(
         sums.append(sa.func.count(value))
         sums += [count_where(value < sa.literal(float(e))) for e in edges]
     version = t.col("version")
-    where = [t.col("model") == model, version.in_(list(versions)), t.col("ts") >= start, t.col("ts") < end]
-    found = {row[0]: row[1:] for row in conn.execute(sa.select(version, *sums).where(*where).group_by(version))}
+    where = [t.col("model") == model, version.in_(list(versions))]
+
+    def statement(lo: datetime, hi: datetime) -> sa.Select:
+        return sa.select(version, *sums).where(*where, t.col("ts") >= lo, t.col("ts") < hi).group_by(version)
+
+    found: dict[str, np.ndarray] = {}
+    for row in _sliced(conn, _slice_bounds(conn, t, model, versions, start, end, slices), statement):
+        found[row[0]] = found.get(row[0], 0) + np.array([int(x or 0) for x in row[1:]], dtype=np.int64)
     counts: dict[tuple[str, str], list[int]] = {}
     for v in versions:
-        row = [int(x or 0) for x in found.get(v, [0] * len(sums))]
+        row = [int(x) for x in found.get(v, np.zeros(len(sums), dtype=np.int64))]
         at = 0
         for name in names:
             k = len(columns[name][1])
@@ -508,9 +516,7 @@ def binned_frame(
         folded = {j for j, c in enumerate(segment_columns) if c in capped}
         keys = _PackedKeys.build(score_bin, len(score_edges), t.col("version"), versions, t, kept, folded) or keys
 
-    count = scan_slices(conn) if slices is None else slices
-    bounds = _time_slices(start, end, *_data_span(conn, t, model, versions, start, end), count) if count > 1 else []
-
+    bounds = _slice_bounds(conn, t, model, versions, start, end, slices)
     more = list((extra or {}).values())
 
     def scan(columns: Sequence[ColumnElement], only: Sequence[ColumnElement] = ()) -> list[sa.Row]:
@@ -520,16 +526,7 @@ def binned_frame(
             span = [t.col("ts") >= lo, t.col("ts") < hi]
             return sa.select(*columns, *sums).where(*where, *span, *only).group_by(*columns)
 
-        if len(bounds) <= 1:
-            return _aggregate(conn, statement(start, end))
-        engine = conn.engine
-
-        def run(bound: tuple[datetime, datetime]) -> list[sa.Row]:
-            with engine.connect() as own:
-                return _aggregate(own, statement(*bound), sliced=True)
-
-        with ThreadPoolExecutor(len(bounds), thread_name_prefix="mlcanary-scan") as pool:
-            return [row for part in pool.map(run, bounds) for row in part]
+        return _sliced(conn, bounds, statement)
 
     names = list(extra or {})
     frame = keys.frame(scan(keys.columns), names, wanted)
@@ -716,6 +713,39 @@ def scan_slices(conn: Connection) -> int:
         workers = conn.execute(sa.text("SELECT current_setting('max_parallel_workers_per_gather')::int")).scalar()
         return max(1, min(int(workers or 0) + 1, MAX_SLICES))
     return 1
+
+
+def _slice_bounds(
+    conn: Connection,
+    t: MappedTable,
+    model: str,
+    versions: Sequence[str],
+    start: datetime,
+    end: datetime,
+    slices: int | None,
+) -> list[tuple[datetime, datetime]]:
+    """The time slices a scan of ``[start, end)`` runs in (:func:`scan_slices` of them by default)."""
+    count = scan_slices(conn) if slices is None else slices
+    if count <= 1:
+        return [(start, end)]
+    return _time_slices(start, end, *_data_span(conn, t, model, versions, start, end), count)
+
+
+def _sliced(
+    conn: Connection, bounds: list[tuple[datetime, datetime]], statement: Callable[[datetime, datetime], sa.Select]
+) -> list[sa.Row]:
+    """Every slice's rows of ``statement``, the slices aggregated at once on connections of their own."""
+    if len(bounds) <= 1:
+        lo, hi = bounds[0]
+        return _aggregate(conn, statement(lo, hi))
+    engine = conn.engine
+
+    def run(bound: tuple[datetime, datetime]) -> list[sa.Row]:
+        with engine.connect() as own:
+            return _aggregate(own, statement(*bound), sliced=True)
+
+    with ThreadPoolExecutor(len(bounds), thread_name_prefix="mlcanary-scan") as pool:
+        return [row for part in pool.map(run, bounds) for row in part]
 
 
 def _data_span(
