@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Connection, Engine
 
-from mlcanary.metrics import ArmBins, Comparison, Estimator, estimator
+from mlcanary.metrics import ArmBins, Estimator, estimator
 from mlcanary.spec import MetricSpec, RolloutSpec
 from mlcanary.stats.drift import drift
 from mlcanary.stats.gate import Evidence, weigh
@@ -408,7 +408,7 @@ def _metric_checks(
     metric = est.metric
     kind = "CS" if a.sequential else "CI"
     level = f"{100 * (1 - 2 * a.alpha):g} % {kind}"
-    weighed: list[tuple[_Segment, dict[str, Any], Comparison | None, Evidence | None, str]] = []
+    weighed: list[tuple[dict[str, Any], Evidence | None, str]] = []  # a check's fields, evidence, figures
     for seg in segments:
         overall = seg.column == OVERALL
         where = "" if overall else f" for {seg.name}"
@@ -430,7 +430,7 @@ def _metric_checks(
                 f"{metric.name}{where}: too few labelled samples (canary {n_c:,}, baseline {n_b:,}; "
                 f"minimum {a.min_samples:,})"
             )
-            weighed.append((seg, fields, None, None, ""))
+            weighed.append((fields, None, ""))
             continue
         cmp = est.compare(seg.base, seg.can, edges)
         bound = est.bound(tolerance)
@@ -441,17 +441,17 @@ def _metric_checks(
             fields["reason"] = (
                 f"{metric.name}{where}: cannot be compared (a mean is zero, or an arm lacks positives or negatives)"
             )
-            weighed.append((seg, fields, None, None, ""))
+            weighed.append((fields, None, ""))
             continue
         n_star = a.sequential_n_star if a.sequential else None
         ev = weigh(cmp.theta, cmp.se, bound, est.higher_is_better, a.alpha, cmp.n, n_star)
         fields |= dict(ci_low=est.display(ev.low), ci_high=est.display(ev.high))
         described = f"{est.describe(where, cmp, ev, level, tolerance)}, n={n_c:,} canary / {n_b:,} baseline"
-        weighed.append((seg, fields, cmp, ev, described))
-    tested = [ev.p_worse for _, _, _, ev, _ in weighed if ev is not None]
+        weighed.append((fields, ev, described))
+    tested = [ev.p_worse for _, ev, _ in weighed if ev is not None]
     failed = iter(reject(tested, a.alpha, a.correction))
     out = []
-    for _, fields, _, ev, described in weighed:
+    for fields, ev, described in weighed:
         if ev is None:
             out.append(CheckResult(verdict=Verdict.INCONCLUSIVE, **fields))
             continue
