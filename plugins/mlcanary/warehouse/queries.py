@@ -272,7 +272,7 @@ def quantile_edges(
         where = _arm_filter(t, model, version, start, end)
         total = int(conn.execute(sa.select(sa.func.count()).where(*where)).scalar())
         if total > sample_rows:  # else the "tail" is the whole window, as on every dialect
-            return _sampled_edges(conn, t, model, version, start, end, columns, sample_rows, total)
+            return _sampled_edges(conn, where, columns, sample_rows, total)
     sample = _tail_sample(t, model, version, start, end, [columns[n][0] for n in names], sample_rows)
     cte = _materialized(sa.select(sample).cte("tail"))
     branches = []
@@ -297,11 +297,7 @@ def quantile_edges(
 
 def _sampled_edges(
     conn: Connection,
-    t: MappedTable,
-    model: str,
-    version: str,
-    start: datetime,
-    end: datetime,
+    where: Sequence[ColumnElement],
     columns: Mapping[str, tuple[ColumnElement, int]],
     sample_rows: int,
     total: int,
@@ -311,7 +307,6 @@ def _sampled_edges(
     1 M rows: 36 ms for the sample, against 67 ms for the most recent rows (a top-N), 78 ms for a
     reservoir and 290 ms for ``approx_quantile`` over the window."""
     names = list(columns)
-    where = _arm_filter(t, model, version, start, end)
     rows = sa.select(*(columns[n][0].label(f"c{i}") for i, n in enumerate(names))).where(*where).subquery()
 
     def fractions(bins: int) -> ColumnElement:  # generated numbers, never input: a literal list
