@@ -200,10 +200,10 @@ def evaluate(
     groups += [g for g in critical if g not in groups]
     checks: list[CheckResult] = []
     flags: list[str] = []
-    for metric in a.metrics:
+    for est in map(estimator, a.metrics):
         mine = _metric_checks(
             spec,
-            estimator(metric),
+            est,
             [
                 _Segment(
                     column,
@@ -218,7 +218,7 @@ def evaluate(
             window,
         )
         checks += mine
-        flags += _simpson(estimator(metric), mine)
+        flags += _simpson(est, mine)
     flags += [
         f"segment column {c} has more than {a.max_segment_values} values: the {a.max_segment_values} most frequent "
         f"are compared one by one, the rest as {c}={queries.OTHER}"

@@ -23,7 +23,7 @@ from mlcanary import replay as replays
 from mlcanary.analysis import AnalysisWindow, analyze
 from mlcanary.audit import record_checks
 from mlcanary.guardrails import evaluate_guardrails
-from mlcanary.metrics import change
+from mlcanary.metrics import change, difference
 from mlcanary.plan import MetricPlan, plan
 from mlcanary.preflight import check_warehouse
 from mlcanary.report import format_report, format_table, recent_rollouts, rollout_report
@@ -366,7 +366,7 @@ def _plan_cells(p: MetricPlan) -> list[str]:
         needed = f"{p.rows_needed:,.0f} canary rows: more than the window holds"
     else:
         needed = f"{p.rows_needed:,.0f} canary rows, a bake of {took(p.bake_needed)}"
-    shown = change if p.relative else (lambda d: f"{d:+.4f}")
+    shown = change if p.relative else difference
     return [shown(p.fails_at), shown(p.passes_at), needed]
 
 

@@ -66,6 +66,11 @@ def change(ratio: float) -> str:
     return f"{100 * (ratio - 1):+.1f} %"
 
 
+def difference(diff: float) -> str:
+    """A difference of an absolute metric as every reason and plot writes it (``-0.0123``)."""
+    return f"{diff:+.4f}"
+
+
 class Estimator(ABC):
     """A metric kind. Subclasses set :attr:`relative` (through :class:`Relative` or :class:`Absolute`)
     and implement :meth:`compare`."""
@@ -178,8 +183,8 @@ class Absolute(Estimator):
     def describe(self, where: str, cmp: Comparison, ev: Evidence, level: str, tolerance: float) -> str:
         return (
             f"{self.metric.name}{where}: {self.label} {_fmt(self.shown(cmp.baseline))} → "
-            f"{_fmt(self.shown(cmp.canary))} (difference {cmp.theta:+.4f}, {level} {ev.low:+.4f} … "
-            f"{ev.high:+.4f}), tolerance {tolerance:g}"
+            f"{_fmt(self.shown(cmp.canary))} (difference {difference(cmp.theta)}, {level} {difference(ev.low)} … "
+            f"{difference(ev.high)}), tolerance {tolerance:g}"
         )
 
 
@@ -281,11 +286,9 @@ class Auc(Absolute):
         return Comparison(c.auc, b.auc, c.auc - b.auc, math.sqrt(c.variance + b.variance), n)
 
 
-class Calibration(Absolute):
-    """Calibration in the large: how much further the canary's mean score is from its mean label,
-    |mean(s − y)|; the variance of the mean of d = s − y on each arm."""
-
-    label = "|mean score - mean label|"
+class _CalibrationError(Absolute):
+    """A calibration error: lower is better whatever the spec says, from the sums of the score, the
+    label and the squared gap."""
 
     @property
     def higher_is_better(self) -> bool:
@@ -293,6 +296,13 @@ class Calibration(Absolute):
 
     def needs(self) -> tuple[str, ...]:
         return ("y", "s", "d2")
+
+
+class Calibration(_CalibrationError):
+    """Calibration in the large: how much further the canary's mean score is from its mean label,
+    |mean(s − y)|; the variance of the mean of d = s − y on each arm."""
+
+    label = "|mean score - mean label|"
 
     def shown(self, value: float | None) -> float | None:
         return None if value is None else abs(value)
@@ -310,17 +320,10 @@ class Calibration(Absolute):
         return Comparison(g_c, g_b, abs(g_c) - abs(g_b), math.sqrt(v_c + v_b), min(n_c, n_b))
 
 
-class Ece(Absolute):
+class Ece(_CalibrationError):
     """Expected calibration error over the equal-mass score bins (:func:`ece_from_bins`)."""
 
     label = "ECE"
-
-    @property
-    def higher_is_better(self) -> bool:
-        return False
-
-    def needs(self) -> tuple[str, ...]:
-        return ("y", "s", "d2")
 
     def compare(self, base: ArmBins, can: ArmBins, edges: list[float]) -> Comparison:
         def ece(arm: ArmBins) -> tuple[float, float]:

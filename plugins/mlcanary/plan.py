@@ -84,7 +84,9 @@ def _z(spec: RolloutSpec, n: float, alpha: float) -> float:
     return cs_multiplier(n, 2 * alpha, a.sequential_n_star) if a.sequential else float(stats.norm.ppf(1 - alpha))
 
 
-def _resolved(spec: RolloutSpec, est: Estimator, rows: StageRows, ctr: float, alpha: float, power: float):  # type: ignore[no-untyped-def]
+def _resolved(
+    spec: RolloutSpec, est: Estimator, rows: StageRows, ctr: float, alpha: float, power: float
+) -> tuple[float, float, float]:
     """(SE, the test-scale change that fails with ``power``, the one that passes with it)."""
     bound = est.bound(est.metric.tolerance)
     z_power = float(stats.norm.ppf(power))

@@ -22,7 +22,7 @@ from markupsafe import Markup
 from sqlalchemy.engine import Connection
 
 from mlcanary.lifecycle import Status
-from mlcanary.metrics import Estimator, change, estimator
+from mlcanary.metrics import Estimator, change, difference, estimator
 from mlcanary.spec import MetricSpec, RolloutSpec, parse_spec
 from mlcanary.svg import COLOURS, Event, ForestPlot, ForestRow, PairedBars, Series, TimeChart, number
 from mlcanary.warehouse.engine import utcnow
@@ -262,10 +262,6 @@ def _point(est: Estimator, m: sa.Row) -> float | None:
     return est.point(m.canary_value, m.baseline_value)
 
 
-def _difference(diff: float) -> str:
-    return f"{diff:+.4f}"
-
-
 def metric_views(data: PageData) -> list[MetricView]:
     """Per metric, a forest plot of the newest look: overall first, then every segment."""
     by_metric: dict[str, list[sa.Row]] = {}
@@ -300,7 +296,7 @@ def metric_views(data: PageData) -> list[MetricView]:
             reference=est.reference,
             tolerance=tolerance,
             axis_label=est.axis + (f" ({est.metric.kind})" if data.spec else ""),
-            text=change if est.relative else _difference,
+            text=change if est.relative else difference,
         ).render()
         out.append(MetricView(name, plot, _trend(data, name, est, tolerance), overall.verdict, overall.reason))
     return out

@@ -105,6 +105,10 @@ def _arm_filter(t: MappedTable, model: str, version: str, start: datetime, end: 
     ]
 
 
+def _versions_filter(t: MappedTable, model: str, versions: Sequence[str], start: datetime, end: datetime) -> list:
+    return [t.col("model") == model, t.col("version").in_(list(versions)), t.col("ts") >= start, t.col("ts") < end]
+
+
 def request_counts(
     conn: Connection, t: MappedTable, model: str, version: str, start: datetime, end: datetime
 ) -> Requests:
@@ -347,23 +351,21 @@ def window_histograms(
         sums.append(sa.func.count(value))
         sums += [count_where(value < sa.literal(float(e))) for e in edges]
     version = t.col("version")
-    where = [t.col("model") == model, version.in_(list(versions))]
 
     def statement(lo: datetime, hi: datetime) -> sa.Select:
-        return sa.select(version, *sums).where(*where, t.col("ts") >= lo, t.col("ts") < hi).group_by(version)
+        return sa.select(version, *sums).where(*_versions_filter(t, model, versions, lo, hi)).group_by(version)
 
     found: dict[str, np.ndarray] = {}
     for row in _sliced(conn, _slice_bounds(conn, t, model, versions, start, end, slices), statement):
         found[row[0]] = found.get(row[0], 0) + np.array([int(x or 0) for x in row[1:]], dtype=np.int64)
     counts: dict[tuple[str, str], list[int]] = {}
     for v in versions:
-        row = [int(x) for x in found.get(v, np.zeros(len(sums), dtype=np.int64))]
+        row = found.get(v, np.zeros(len(sums), dtype=np.int64))
         at = 0
         for name in names:
             k = len(columns[name][1])
             total, below = row[at], row[at + 1 : at + 1 + k]
-            cumulative = [0, *below, total]
-            counts[(v, name)] = [cumulative[i + 1] - cumulative[i] for i in range(k + 1)]
+            counts[(v, name)] = np.diff([0, *below, total]).tolist()  # the bins between the cumulative counts
             at += k + 1
     return counts
 
@@ -683,7 +685,7 @@ def sample_value_counts(
         where: list[ColumnElement] = []
     else:
         source = values
-        where = [t.col("model") == model, t.col("version").in_(list(versions)), t.col("ts") >= start, t.col("ts") < end]
+        where = _versions_filter(t, model, versions, start, end)
     branches = [
         sa.select(sa.literal(i).label("k"), v.label("v"), sa.func.count().label("n"))
         .where(*where, v.is_not(None))
