@@ -172,7 +172,8 @@ def test_a_rollback_tells_its_story(
     polls = [(level, m) for level, m in lines if re.match(r"poll \d+ \(stage \d, ", m)]
     assert len(polls) >= 5, lines[-40:]
     assert polls[0][1].startswith("poll 1 (stage 1, 10 %, 0 s of 4 s healthy): "), polls[0]
-    checks = r"success_rate [\d.]+ % >= 98\.00 % ok; p99_latency_ms [\d.]+ ms < 250\.0 ms ok; cpu"
+    # (each check against its limit; an early poll on few requests may be below the SLO but not significantly)
+    checks = r"success_rate [\d.]+ % (>=|<) 98\.00 % [^;]+; p99_latency_ms [\d.]+ ms (<|>=) 250\.0 ms [^;]+; cpu"
     assert all(re.search(r"\): " + checks, m) for _, m in polls if "stage 1," in m), polls
     # every check passed: info; anything else (a check without data, say) is a warning, yellow
     assert {lv for lv, m in polls if m.count(" ok") == 4} == {"info"}
@@ -183,7 +184,8 @@ def test_a_rollback_tells_its_story(
     assert re.search(r"p99_latency_ms [\d.]+ ms >= 250\.0 ms FAIL", breach)
 
     # stage 1 advanced on an INCONCLUSIVE look: a warning (yellow), not a PASS
-    assert ("warning", "stage 1 analysis look 1: INCONCLUSIVE") in lines
+    looks = [(lv, m) for lv, m in lines if m.startswith("stage 1 analysis look ")]
+    assert looks and looks[-1] == ("warning", f"stage 1 analysis look {len(looks)}: INCONCLUSIVE"), looks
     assert any(lv == "warning" and m.startswith("stage 1 advances on INCONCLUSIVE, not PASS") for lv, m in lines)
 
     # the failed run's reason: one line in the report task's log, and no traceback anywhere
