@@ -9,8 +9,8 @@ columns, 5 features, 10 % canary), in the same run:
 - the hand-written aggregate: one statement grouping by version, the 3 segment columns and a
   100-edge CASE score bin, with the count and the sums (the analysis's target: at most 2x this);
 - the full slow analysis: CTR, AUC, precision and recall, calibration, ECE, per value of 3 segment
-  columns, input drift on 5 features and output drift, run in a child process that reports its
-  peak RSS;
+  columns, input drift on 5 features and output drift, run three times in a child process that
+  reports its peak RSS: the best of the last two (warm, as the scans are) and the first (cold);
 - Evidently's DataDriftPreset on the same 5 features + score (reference = baseline rows, current =
   canary rows), in its own virtual environment (it needs pandas < 3): ``--evidently-python``.
 
@@ -213,14 +213,15 @@ def run_analysis(url: str, end_iso: str) -> None:
     spec = parse_spec(SPEC)
     end = datetime.fromisoformat(end_iso)
     engine = make_engine(url)
+    times = []
     with engine.connect() as conn:
-        started = time.perf_counter()
-        result = analyze(conn, spec, "v1", "v2", AnalysisWindow(end - timedelta(days=2), end, end))
-        seconds = time.perf_counter() - started
+        for _ in range(3):  # the first from a cold process; the best of the next two, warm like the scans
+            started = time.perf_counter()
+            result = analyze(conn, spec, "v1", "v2", AnalysisWindow(end - timedelta(days=2), end, end))
+            times.append(time.perf_counter() - started)
     rss = peak_rss_mb()
-    print(
-        json.dumps({"seconds": seconds, "rss_mb": rss, "verdict": result.verdict.value, "checks": len(result.checks)})
-    )
+    out = {"seconds": min(times[1:]), "cold_seconds": times[0], "rss_mb": rss, "verdict": result.verdict.value}
+    print(json.dumps(out | {"checks": len(result.checks)}))
 
 
 def evidently(python: str, url: str, backend: str) -> dict:
@@ -310,6 +311,7 @@ def main() -> None:
                 "bare_scan_s": bare,
                 "columns_scan_s": columns,
                 "analysis_s": full["seconds"],
+                "analysis_cold_s": full["cold_seconds"],
                 "ratio": full["seconds"] / bare,
                 "ratio_to_columns_scan": full["seconds"] / columns,
                 "hand_written_s": hand,
@@ -331,15 +333,19 @@ def main() -> None:
                 f.unlink()
     print(
         f"\n{'backend':9} {'rows':>11} {'bare scan':>10} {'analysis':>9} {'ratio':>6} "
-        f"{'columns scan':>13} {'ratio':>6} {'hand-written':>13} {'ratio':>6} {'peak RSS':>9}"
+        f"{'columns scan':>13} {'ratio':>6} {'hand-written':>13} {'ratio':>6} {'peak RSS':>9} {'cold':>7}"
     )
     for r in results:
         print(
             f"{r['backend']:9} {r['rows']:>11,} {r['bare_scan_s']:>9.3f}s {r['analysis_s']:>8.2f}s "
             f"{r['ratio']:>5.1f}x {r['columns_scan_s']:>12.3f}s {r['ratio_to_columns_scan']:>5.1f}x "
             f"{r['hand_written_s']:>12.3f}s {r['ratio_to_hand_written']:>5.1f}x {r['analysis_peak_rss_mb']:>7.0f}MB"
+            f" {r['analysis_cold_s']:>6.2f}s"
         )
-    print("(target: analysis <= 2x the hand-written aggregate, peak RSS < 500 MB)")
+    print(
+        "(target: analysis <= 2x the hand-written aggregate, peak RSS < 500 MB; the analysis and the scans are "
+        "the best of two warm runs; cold: the analysis's first run, in a fresh process)"
+    )
     for r in results:
         if "evidently_s" in r:
             print(

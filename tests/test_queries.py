@@ -218,6 +218,27 @@ def test_bin_index_puts_edges_in_the_upper_bin(any_engine: sa.Engine) -> None:
     assert null_bin == -1
 
 
+@pytest.mark.parametrize("count", [1, 2, 10, 11, 12, 100, 121, 122])
+def test_bin_index_matches_a_binary_search_at_every_size_of_tree(any_engine: sa.Engine, count: int) -> None:
+    """Each dialect's tree (balanced; eleven branches a node on DuckDB; ``width_bucket``) puts every
+    value, each edge itself among them, where numpy's binary search does."""
+    rng = np.random.default_rng(count)
+    edges = sorted(set(rng.normal(size=count).round(6).tolist()))
+    values = [*edges, *(np.array(edges) + 1e-7), *(np.array(edges) - 1e-7), -1e9, 1e9, *rng.normal(size=200)]
+    probe = sa.Table("bin_probe", sa.MetaData(), sa.Column("i", sa.Integer), sa.Column("v", sa.Double))
+    probe.drop(any_engine, checkfirst=True)
+    probe.create(any_engine)
+    try:
+        with any_engine.begin() as conn:
+            conn.execute(probe.insert(), [{"i": i, "v": float(v)} for i, v in enumerate(values)])
+        with any_engine.connect() as conn:
+            stmt = sa.select(probe.c.i, bin_index(probe.c.v, edges, conn.dialect.name)).order_by(probe.c.i)
+            got = [b for _, b in conn.execute(stmt)]
+    finally:
+        probe.drop(any_engine)
+    assert got == np.searchsorted(edges, values, side="right").tolist()
+
+
 def test_spec_identifiers_are_quoted_not_spliced(engine: sa.Engine) -> None:
     """A table and columns named with reserved words work, because SQLAlchemy quotes them."""
     with engine.begin() as conn:
