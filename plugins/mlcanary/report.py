@@ -62,7 +62,7 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     line = "  ".join("-" * w for w in widths)
     out = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)), line]
     out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out)
+    return "\n".join(text.rstrip() for text in out)
 
 
 def format_report(report: dict[str, Any]) -> str:
