@@ -45,10 +45,12 @@ class CountWhere(FunctionElement[int]):
     inherit_cache = True
 
 
+# The wrappers are fixed text around the compiled condition (whose values stay bound parameters):
+# cheaper to compile than the same built from SQLAlchemy elements, 45 times a look.
 @compiles(CountWhere)
 def _count_where(element: CountWhere, compiler: Any, **kw: Any) -> str:
     (condition,) = element.clauses
-    return compiler.process(sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0), **kw)
+    return f"coalesce(sum(CASE WHEN {compiler.process(condition, **kw)} THEN 1 ELSE 0 END), 0)"
 
 
 @compiles(CountWhere, "postgresql")
@@ -60,7 +62,7 @@ def _count_filter(element: CountWhere, compiler: Any, **kw: Any) -> str:
 @compiles(CountWhere, "duckdb")
 def _count_if(element: CountWhere, compiler: Any, **kw: Any) -> str:
     (condition,) = element.clauses
-    return compiler.process(sa.func.coalesce(sa.func.count_if(condition), 0), **kw)  # NULL over no rows
+    return f"coalesce(count_if({compiler.process(condition, **kw)}), 0)"  # NULL over no rows
 
 
 def count_where(condition: ColumnElement) -> ColumnElement:
