@@ -261,12 +261,13 @@ def _recent_since(
     conn: Connection, t: MappedTable, model: str, versions: Sequence[str], start: datetime, end: datetime, rows: int
 ) -> dict[str, datetime]:
     """Per version, the time from which its rows of ``[start, end)`` are about its most recent
-    ``rows`` (``start`` where it has no more): ``last - (last - first) * 1.25 rows / n`` from one
-    GROUP BY version of count, first and last ``ts``, so at an even rate the range holds 1.25
-    ``rows``. Deterministic, and on a table appended in time order DuckDB reads the range from the
-    row groups its zone maps keep (10 M rows: 10 ms for the span, 12 ms for the edges' 62,000
-    rows, against 0.22 s for a Bernoulli sample of the window; a seeded ``SYSTEM`` sample is as
-    fast but not repeatable on more than one thread)."""
+    ``rows`` (``start`` where it has no more): ``last - (last - first) * 1.25 rows / n`` from each
+    version's count, first and last ``ts`` (one filtered aggregate each, in one UNION ALL), so at
+    an even rate the range holds 1.25 ``rows``. Deterministic, and on a table appended in time
+    order DuckDB reads the range from the row groups its zone maps keep (10 M rows: 10 ms for the
+    9 M baseline rows' span, 12 ms for the edges over its 62,000 most recent rows, against 0.22 s
+    for a Bernoulli sample of the window; a seeded ``SYSTEM`` sample is as fast but not repeatable
+    on more than one thread)."""
     ts = t.col("ts")
     spans = [  # one filtered aggregate per version: on DuckDB faster than a GROUP BY version
         sa.select(sa.literal(j).label("j"), sa.func.count(), sa.func.min(ts), sa.func.max(ts)).where(
@@ -329,8 +330,8 @@ def quantile_edges(
 def _recent_edges(
     conn: Connection, where: Sequence[ColumnElement], columns: Mapping[str, tuple[ColumnElement, int]]
 ) -> dict[str, list[float]]:
-    """DuckDB's :func:`quantile_edges`: ``quantile_disc`` (the inverted CDF) at k / bins of each
-    value over the rows of ``where``, in one pass."""
+    """DuckDB's :func:`quantile_edges`: ``quantile_disc`` at k / bins of each value over the rows of
+    ``where`` (the value of rank floor(q (n - 1)), numpy's ``method="lower"``), in one pass."""
     names = list(columns)
 
     def fractions(bins: int) -> ColumnElement:  # generated numbers, never input: a literal list
